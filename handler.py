@@ -1,0 +1,24 @@
+"""RunPod serverless entry point. Importing this module loads every pipeline (the cold start); the worker loop
+starts only when it runs as a script, so tests and tools can import `handler` without starting it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import runpod
+
+from diffusion_worker.config import Settings
+from diffusion_worker.runtime import Worker
+
+settings = Settings.from_env()
+logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+worker = Worker.load(settings)
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    return worker.handle(job)
+
+
+if __name__ == "__main__":
+    runpod.serverless.start({"handler": handler})

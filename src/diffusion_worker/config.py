@@ -1,0 +1,139 @@
+"""Settings, read once from the environment at start. Nothing else in the worker reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+# RunPod refuses /run payloads over 10 MB; a result has to stay well inside that once base64 and JSON wrap it.
+DEFAULT_MAX_INLINE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    endpoint_url: str | None
+    access_key_id: str | None
+    secret_access_key: str | None
+    name: str
+    region: str | None = None
+    prefix: str = ""
+    public_url: str | None = None
+    presign_expires_s: int = 7 * 24 * 3600
+    addressing_style: str = "auto"
+
+    def __repr__(self) -> str:
+        # The secret must never reach a log line, even through a repr of the settings.
+        return (
+            f"BucketSettings(name={self.name!r}, endpoint_url={self.endpoint_url!r}, prefix={self.prefix!r})"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    # None: every task whose models are present.
+    worker_tasks: frozenset[str] | None = None
+    bucket: BucketSettings | None = None
+    max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES
+    allow_private_urls: bool = False
+    max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+    input_fetch_timeout_s: float = 15.0
+    lora_cache_size: int = 8
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        settings = cls(
+            models_dir=Path(reader.text("MODELS_DIR", str(REPO_ROOT / "models"))),
+            device=reader.choice("DEVICE", "auto", DEVICE_CHOICES),
+            dtype=reader.choice("DTYPE", "auto", DTYPE_CHOICES),
+            worker_tasks=reader.names("WORKER_TASKS"),
+            bucket=_bucket_from_env(reader),
+            max_inline_bytes=reader.integer("MAX_INLINE_BYTES", DEFAULT_MAX_INLINE_BYTES, minimum=1024),
+            allow_private_urls=reader.flag("ALLOW_PRIVATE_INPUT_URLS"),
+            max_input_bytes=reader.integer("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1024),
+            max_input_pixels=reader.integer("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64),
+            input_fetch_timeout_s=reader.number("INPUT_FETCH_TIMEOUT_S", 15.0, minimum=0.1),
+            lora_cache_size=reader.integer("LORA_CACHE_SIZE", 8, minimum=0),
+            log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+        )
+        return settings
+
+
+def _bucket_from_env(reader: _Reader) -> BucketSettings | None:
+    name = reader.text("BUCKET_NAME", "")
+    if not name:
+        return None
+    return BucketSettings(
+        endpoint_url=reader.text("BUCKET_ENDPOINT_URL", "") or None,
+        access_key_id=reader.text("BUCKET_ACCESS_KEY_ID", "") or None,
+        secret_access_key=reader.text("BUCKET_SECRET_ACCESS_KEY", "") or None,
+        name=name,
+        region=reader.text("BUCKET_REGION", "") or None,
+        prefix=reader.text("BUCKET_PREFIX", "").strip("/"),
+        public_url=reader.text("BUCKET_PUBLIC_URL", "").rstrip("/") or None,
+        presign_expires_s=reader.integer("PRESIGN_EXPIRES_S", 7 * 24 * 3600, minimum=1),
+        addressing_style=reader.choice("BUCKET_ADDRESSING_STYLE", "auto", ("auto", "path", "virtual")),
+    )
+
+
+class _Reader:
+    """Parses variables and names the variable in every complaint, so a bad deploy fails at start, clearly."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name, default).strip()
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        raw = self.text(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: must be an integer") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value}: must be at least {minimum}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float) -> float:
+        raw = self.text(name, str(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: must be a number") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value}: must be at least {minimum}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self.text(name, "false").lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name}={value!r}: must be true or false")
+
+    def names(self, name: str) -> frozenset[str] | None:
+        raw = self.text(name, "")
+        if not raw:
+            return None
+        return frozenset(part.strip() for part in raw.split(",") if part.strip())

@@ -1,0 +1,56 @@
+"""Scheduler names users choose from, each a diffusers class plus the config changes that define it.
+
+A job gets a scheduler built fresh from the model's own scheduler config, so no job can leave its timesteps,
+step index or sigmas behind for the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..schema import SCHEDULER_NAMES
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    # The multistep SDE variant: the single-step one needs torchsde, an extra dependency for one scheduler.
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "schema.SCHEDULER_NAMES and SCHEDULERS must list the same names"
+
+
+def build_scheduler(name: str, model_config: dict[str, Any]) -> SchedulerMixin:
+    scheduler_class, overrides = SCHEDULERS[name]
+    return scheduler_class.from_config(model_config, **overrides)
+
+
+def scheduler_name_of(scheduler: SchedulerMixin) -> str:
+    """The table name of a model's own scheduler: the default when a request names none."""
+    for name, (scheduler_class, overrides) in SCHEDULERS.items():
+        if type(scheduler) is scheduler_class and all(
+            scheduler.config.get(key) == value for key, value in overrides.items()
+        ):
+            return name
+    raise ValueError(f"the model's scheduler {type(scheduler).__name__} has no name in the scheduler table")

@@ -1,0 +1,248 @@
+"""The worker: pipelines loaded once, then each job parsed, generated, encoded, delivered and cleaned up after."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import Settings
+from .errors import (
+    ConfigError,
+    GpuStateLost,
+    Internal,
+    InvalidInput,
+    OutOfMemory,
+    TaskUnavailable,
+    WorkerError,
+)
+from .hygiene import memory_figures, release_memory
+from .manifest import Manifest, load_manifest
+from .media import check_not_blank, encode_image, encode_thumbnail
+from .pipelines.sdxl import SdxlFamily
+from .placement import Placement
+from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, GenerationRequest, Info, parse_input
+from .storage import bucket_for_job, open_sink
+
+log = logging.getLogger(__name__)
+FAMILIES = (SdxlFamily,)
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "runpod", "pydantic")
+
+
+@dataclass
+class Timings:
+    inference_s: float = 0.0
+    encode_s: float = 0.0
+    upload_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "inference_s": round(self.inference_s, 3),
+            "encode_s": round(self.encode_s, 3),
+            "upload_s": round(self.upload_s, 3),
+            "total_s": round(time.perf_counter() - self.started, 3),
+        }
+
+
+class Worker:
+    def __init__(self, settings: Settings, manifest: Manifest, placement: Placement, families: dict) -> None:
+        self.settings = settings
+        self.manifest = manifest
+        self.placement = placement
+        self.families: dict[str, SdxlFamily] = families
+        # Pipelines are shared and not thread-safe: one job at a time on the GPU.
+        self.gpu_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: Settings, manifest: Manifest | None = None) -> Worker:
+        """Loads every pipeline this worker serves; raises at once if the settings or models can't serve them."""
+        manifest = manifest or load_manifest()
+        placement = Placement.from_settings(settings)
+        available = {
+            family: family.available_tasks(settings.models_dir, manifest) & family.TASKS
+            for family in FAMILIES
+        }
+        served = set().union(*available.values())
+        wanted = settings.worker_tasks if settings.worker_tasks is not None else served
+        unknown = wanted - set(TASKS) - {"info"}
+        if unknown:
+            raise ConfigError(
+                f"WORKER_TASKS names unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}"
+            )
+        missing = wanted - served - {"info"}
+        if missing:
+            raise ConfigError(
+                f"WORKER_TASKS asks for {sorted(missing)}, whose models are not in {settings.models_dir}; "
+                "run builder/fetch_models.py"
+            )
+        if not wanted - {"info"}:
+            raise ConfigError(f"no models found in {settings.models_dir}; run builder/fetch_models.py")
+        families: dict[str, Any] = {}
+        for family, tasks in available.items():
+            if tasks & wanted:
+                started = time.perf_counter()
+                loaded = family.load(settings.models_dir, manifest, placement, tasks & wanted)
+                log.info(
+                    "loaded %s for %s in %.1f s",
+                    family.__name__,
+                    sorted(loaded.tasks),
+                    time.perf_counter() - started,
+                )
+                families.update(dict.fromkeys(loaded.tasks, loaded))
+        return cls(settings, manifest, placement, families)
+
+    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Runs one job to the contract's response or error dict; never raises, always cleans up."""
+        timings = Timings()
+        job_id = str(job.get("id") or "local")
+        try:
+            if "input" not in job:
+                raise InvalidInput("input: required, a JSON object with at least `prompt`")
+            request = parse_input(job["input"])
+            if isinstance(request, Info):
+                return self.info()
+            with _job_temp_dir(job_id):
+                return self._generate(job_id, job, request, timings)
+        except WorkerError as error:
+            log.warning("job %s failed: %s", job_id, error.to_response()["error"])
+            return error.to_response()
+        except Exception as error:
+            classified = _classify(error)
+            log.exception("job %s failed: %s", job_id, classified.code)
+            return classified.to_response()
+        finally:
+            release_memory()
+
+    def _generate(
+        self, job_id: str, job: dict[str, Any], request: GenerationRequest, timings: Timings
+    ) -> dict[str, Any]:
+        family = self.families.get(request.task)
+        if family is None:
+            raise TaskUnavailable(
+                f"task: {request.task} is not served by this worker (it serves {', '.join(self.tasks)})"
+            )
+        bucket = bucket_for_job(self.settings.bucket, job.get("s3Config"))
+        request = family.resolve(request)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        request = request.model_copy(update={"seed": seed})
+        log.info(
+            "job %s: %s %dx%d steps=%d images=%d loras=%d",
+            job_id,
+            request.task,
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            request.num_images,
+            len(request.loras),
+        )
+        sink = open_sink(bucket, job_id, self.settings.max_inline_bytes)
+        try:
+            described: list[dict[str, Any]] = []
+            with self.gpu_lock:
+                for index, generated in enumerate(_timed(family.generate(request, seed), timings)):
+                    began = time.perf_counter()
+                    check_not_blank(generated.image, f"image {index}")
+                    asset = encode_image(generated.image, request.output_format, request.output_quality)
+                    thumbnail = (
+                        encode_thumbnail(generated.image, request.thumbnail_size)
+                        if request.thumbnail_size
+                        else None
+                    )
+                    timings.encode_s += time.perf_counter() - began
+                    sink.put(index, asset, thumbnail)
+                    described.append(
+                        {
+                            "width": generated.image.width,
+                            "height": generated.image.height,
+                            "format": asset.ext,
+                            "seed": generated.seed,
+                            "bytes": len(asset.data),
+                            "sha256": hashlib.sha256(asset.data).hexdigest(),
+                        }
+                    )
+            response: dict[str, Any] = {"seed": seed, "parameters": request.model_dump()}
+            began = time.perf_counter()
+            metadata = {
+                **response,
+                "job_id": job_id,
+                "images": described,
+                "models": family.describe()["models"],
+            }
+            delivered = sink.finish(metadata)
+            timings.upload_s += time.perf_counter() - began
+        finally:
+            sink.close()
+        images = [{**where, **facts} for where, facts in zip(delivered, described, strict=True)]
+        response = {"images": images, **response, "timings": timings.as_dict()}
+        log.info(
+            "job %s: done, %d bytes in %.2f s",
+            job_id,
+            sum(item["bytes"] for item in images),
+            timings.as_dict()["total_s"],
+        )
+        return response
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.families)
+
+    def info(self) -> dict[str, Any]:
+        families = {id(family): family for family in self.families.values()}
+        return {
+            "tasks": self.tasks,
+            "pipelines": [family.describe() for family in families.values()],
+            "schedulers": list(SCHEDULER_NAMES),
+            "device": str(self.placement.device),
+            "memory": memory_figures(),
+            "versions": {
+                "worker": __version__,
+                "python": platform.python_version(),
+                **{name: metadata.version(name) for name in VERSIONED_PACKAGES},
+            },
+        }
+
+
+def _timed(generated: Iterator[Any], timings: Timings) -> Iterator[Any]:
+    """Charges the time spent producing each item to inference, not to whoever consumes it."""
+    while True:
+        began = time.perf_counter()
+        try:
+            item = next(generated)
+        except StopIteration:
+            return
+        finally:
+            timings.inference_s += time.perf_counter() - began
+        yield item
+
+
+def _classify(error: Exception) -> WorkerError:
+    if isinstance(error, torch.OutOfMemoryError):
+        return OutOfMemory("the GPU ran out of memory; the worker freed it, retry or lower the size")
+    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
+        return GpuStateLost("the GPU reported an error; this worker will be replaced")
+    return Internal("unexpected error; the worker log has the details")
+
+
+@contextmanager
+def _job_temp_dir(job_id: str) -> Iterator[Path]:
+    """A scratch folder for the job's files (video encoding, downloads), removed however the job ends."""
+    path = Path(tempfile.mkdtemp(prefix="diffusion-worker-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
