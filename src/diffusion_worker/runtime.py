@@ -6,15 +6,12 @@ import hashlib
 import logging
 import platform
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,15 +28,18 @@ from .errors import (
     WorkerError,
 )
 from .hygiene import memory_figures, release_memory
+from .inputs import InputLimits, load_image
 from .manifest import Manifest, load_manifest
 from .media import check_not_blank, encode_image, encode_thumbnail
+from .pipelines.outputs import GeneratedImage
 from .pipelines.sdxl import SdxlFamily
 from .placement import Placement
 from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, GenerationRequest, Info, parse_input
-from .storage import bucket_for_job, open_sink
+from .storage import Asset, bucket_for_job, open_sink
 
 log = logging.getLogger(__name__)
 FAMILIES = (SdxlFamily,)
+INPUT_IMAGE_FIELDS = ("image", "control_image")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "runpod", "pydantic")
 
 
@@ -65,6 +65,7 @@ class Worker:
         self.manifest = manifest
         self.placement = placement
         self.families: dict[str, SdxlFamily] = families
+        self.input_limits = InputLimits.from_settings(settings)
         # Pipelines are shared and not thread-safe: one job at a time on the GPU.
         self.gpu_lock = threading.Lock()
 
@@ -74,16 +75,13 @@ class Worker:
         manifest = manifest or load_manifest()
         placement = Placement.from_settings(settings)
         available = {
-            family: family.available_tasks(settings.models_dir, manifest) & family.TASKS
-            for family in FAMILIES
+            family: family.available_tasks(settings.models_dir, manifest) & family.TASKS for family in FAMILIES
         }
         served = set().union(*available.values())
         wanted = settings.worker_tasks if settings.worker_tasks is not None else served
         unknown = wanted - set(TASKS) - {"info"}
         if unknown:
-            raise ConfigError(
-                f"WORKER_TASKS names unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}"
-            )
+            raise ConfigError(f"WORKER_TASKS names unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}")
         missing = wanted - served - {"info"}
         if missing:
             raise ConfigError(
@@ -96,7 +94,7 @@ class Worker:
         for family, tasks in available.items():
             if tasks & wanted:
                 started = time.perf_counter()
-                loaded = family.load(settings.models_dir, manifest, placement, tasks & wanted)
+                loaded = family.load(settings, manifest, placement, tasks & wanted)
                 log.info(
                     "loaded %s for %s in %.1f s",
                     family.__name__,
@@ -116,8 +114,7 @@ class Worker:
             request = parse_input(job["input"])
             if isinstance(request, Info):
                 return self.info()
-            with _job_temp_dir(job_id):
-                return self._generate(job_id, job, request, timings)
+            return self._generate(job_id, job, request, timings)
         except WorkerError as error:
             log.warning("job %s failed: %s", job_id, error.to_response()["error"])
             return error.to_response()
@@ -140,60 +137,47 @@ class Worker:
         request = family.resolve(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         request = request.model_copy(update={"seed": seed})
-        log.info(
-            "job %s: %s %dx%d steps=%d images=%d loras=%d",
-            job_id,
-            request.task,
-            request.width,
-            request.height,
-            request.num_inference_steps,
-            request.num_images,
-            len(request.loras),
-        )
+        log.info("job %s: %s", job_id, _summary(request))
+        # Downloads and decoding happen before the GPU lock: they need no GPU and may be slow.
+        inputs = {
+            name: load_image(getattr(request, name), name, self.input_limits)
+            for name in INPUT_IMAGE_FIELDS
+            if getattr(request, name, None) is not None
+        }
         sink = open_sink(bucket, job_id, self.settings.max_inline_bytes)
+        described: list[tuple[str, dict[str, Any]]] = []
         try:
-            described: list[dict[str, Any]] = []
-            with self.gpu_lock:
-                for index, generated in enumerate(_timed(family.generate(request, seed), timings)):
+            with self.gpu_lock, closing(family.generate(request, seed, inputs)) as generated:
+                for index, output in enumerate(_timed(generated, timings)):
                     began = time.perf_counter()
-                    check_not_blank(generated.image, f"image {index}")
-                    asset = encode_image(generated.image, request.output_format, request.output_quality)
-                    thumbnail = (
-                        encode_thumbnail(generated.image, request.thumbnail_size)
-                        if request.thumbnail_size
-                        else None
-                    )
+                    asset, thumbnail, facts = _encode(output, request, index)
                     timings.encode_s += time.perf_counter() - began
                     sink.put(index, asset, thumbnail)
-                    described.append(
-                        {
-                            "width": generated.image.width,
-                            "height": generated.image.height,
-                            "format": asset.ext,
-                            "seed": generated.seed,
-                            "bytes": len(asset.data),
-                            "sha256": hashlib.sha256(asset.data).hexdigest(),
-                        }
-                    )
+                    described.append((output.kind, facts))
             response: dict[str, Any] = {"seed": seed, "parameters": request.model_dump()}
             began = time.perf_counter()
             metadata = {
                 **response,
                 "job_id": job_id,
-                "images": described,
+                "outputs": [{"kind": kind, **facts} for kind, facts in described],
                 "models": family.describe()["models"],
             }
             delivered = sink.finish(metadata)
             timings.upload_s += time.perf_counter() - began
         finally:
             sink.close()
-        images = [{**where, **facts} for where, facts in zip(delivered, described, strict=True)]
-        response = {"images": images, **response, "timings": timings.as_dict()}
+        for (kind, facts), where in zip(described, delivered, strict=True):
+            entry = {**where, **facts}
+            if kind == "image":
+                response.setdefault("images", []).append(entry)
+            else:
+                response[kind] = entry
+        response["timings"] = timings.as_dict()
         log.info(
             "job %s: done, %d bytes in %.2f s",
             job_id,
-            sum(item["bytes"] for item in images),
-            timings.as_dict()["total_s"],
+            sum(facts["bytes"] for _, facts in described),
+            response["timings"]["total_s"],
         )
         return response
 
@@ -230,19 +214,39 @@ def _timed(generated: Iterator[Any], timings: Timings) -> Iterator[Any]:
         yield item
 
 
+def _encode(output: GeneratedImage, request: GenerationRequest, index: int) -> tuple[Asset, Asset | None, dict]:
+    """Checks and encodes one output, returning its file, its thumbnail and the facts the response lists."""
+    check_not_blank(output.image, f"{output.kind} {index}")
+    # A depth map is data, not a picture: always lossless.
+    output_format = request.output_format if output.kind == "image" else "png"
+    asset = encode_image(output.image, output_format, request.output_quality)
+    thumbnail = encode_thumbnail(output.image, request.thumbnail_size) if request.thumbnail_size else None
+    facts = {
+        "width": output.image.width,
+        "height": output.image.height,
+        "format": asset.ext,
+        "seed": output.seed,
+        "bytes": len(asset.data),
+        "sha256": hashlib.sha256(asset.data).hexdigest(),
+    }
+    return asset, thumbnail, facts
+
+
+def _summary(request: GenerationRequest) -> str:
+    """The resolved request in one short log line: sizes and counts, never prompts or image data."""
+    parts = [request.task, f"{request.width}x{request.height}", f"steps={request.num_inference_steps}"]
+    for name in ("num_images", "num_frames", "scheduler"):
+        value = getattr(request, name, None)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    if request.loras:
+        parts.append("loras=" + ",".join(ref.name for ref in request.loras))
+    return " ".join(parts)
+
+
 def _classify(error: Exception) -> WorkerError:
     if isinstance(error, torch.OutOfMemoryError):
         return OutOfMemory("the GPU ran out of memory; the worker freed it, retry or lower the size")
     if isinstance(error, RuntimeError) and "CUDA error" in str(error):
         return GpuStateLost("the GPU reported an error; this worker will be replaced")
     return Internal("unexpected error; the worker log has the details")
-
-
-@contextmanager
-def _job_temp_dir(job_id: str) -> Iterator[Path]:
-    """A scratch folder for the job's files (video encoding, downloads), removed however the job ends."""
-    path = Path(tempfile.mkdtemp(prefix="diffusion-worker-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
