@@ -12,6 +12,7 @@ ARG MODEL_ROLES=sdxl,sdxl_vae,controlnet_depth,depth_estimator,wan_t2v
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     MODELS_DIR=/models \
+    MODEL_MANIFEST=/app/models/manifest.toml \
     HF_HOME=/tmp/hf-home
 
 WORKDIR /app

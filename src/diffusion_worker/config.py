@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .manifest import DEFAULT_MANIFEST
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
@@ -38,6 +39,7 @@ class BucketSettings:
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path
+    manifest_path: Path = DEFAULT_MANIFEST
     device: str = "auto"
     dtype: str = "auto"
     # None: every task whose models are present.
@@ -57,6 +59,8 @@ class Settings:
         reader = _Reader(env)
         settings = cls(
             models_dir=Path(reader.text("MODELS_DIR", str(REPO_ROOT / "models"))),
+            # An installed (non-editable) package has no repo around it: the image names its manifest.
+            manifest_path=Path(reader.text("MODEL_MANIFEST", str(DEFAULT_MANIFEST))),
             device=reader.choice("DEVICE", "auto", DEVICE_CHOICES),
             dtype=reader.choice("DTYPE", "auto", DTYPE_CHOICES),
             worker_tasks=reader.names("WORKER_TASKS"),

@@ -17,6 +17,8 @@ else:  # pragma: no cover
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 # A LoRA is trained for one base model: its family names the role it applies to.
 LORA_FAMILIES = ("sdxl", "wan_t2v", "wan_i2v")
+# Written last into a role folder by builder/fetch_models.py: a folder without it is an interrupted fetch.
+COMPLETE_MARKER = ".complete"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class ModelRole:
 
     def path(self, models_dir: Path) -> Path:
         return models_dir / self.folder
+
+    def is_complete(self, models_dir: Path) -> bool:
+        """Whether the builder finished this role's folder (downloaded or tiny)."""
+        return (self.path(models_dir) / COMPLETE_MARKER).is_file()
 
 
 @dataclass(frozen=True)
