@@ -9,17 +9,22 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LIBRARIES_IN_CONFIGS = ("torch", "diffusers", "transformers", "peft")
 
 
 def _builder_fingerprint() -> str:
-    """Tiny models are cached across runs, keyed by what builds them, so a builder change rebuilds them."""
+    """Tiny models are cached across runs, keyed by what builds them, so a builder or library change rebuilds them
+    (the libraries write their versions into every config)."""
     digest = hashlib.sha256()
+    for package in LIBRARIES_IN_CONFIGS:
+        digest.update(f"{package}=={metadata.version(package)}".encode())
     for path in sorted([*(REPO / "builder").glob("*.py"), REPO / "models" / "manifest.toml"]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

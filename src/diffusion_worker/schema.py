@@ -96,9 +96,7 @@ class _Generation(_Strict):
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and not (low <= value <= high and value % multiple == 0):
-                raise _FieldError(
-                    name, f"must be a multiple of {multiple} from {low} to {high} (got {value})"
-                )
+                raise _FieldError(name, f"must be a multiple of {multiple} from {low} to {high} (got {value})")
         return self
 
 
@@ -131,9 +129,7 @@ class ControlNetDepth(_ImageGeneration):
     @model_validator(mode="after")
     def _one_source(self) -> ControlNetDepth:
         if (self.image is None) == (self.control_image is None):
-            raise _FieldError(
-                "image", "give exactly one of `image` (depth is estimated from it) and `control_image`"
-            )
+            raise _FieldError("image", "give exactly one of `image` (depth is estimated from it) and `control_image`")
         if self.control_guidance_start >= self.control_guidance_end:
             raise _FieldError("control_guidance_start", "must be less than `control_guidance_end`")
         return self
