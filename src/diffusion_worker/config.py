@@ -15,6 +15,9 @@ DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 # RunPod refuses /run payloads over 10 MB; a result has to stay well inside that once base64 and JSON wrap it.
 DEFAULT_MAX_INLINE_BYTES = 8 * 1024 * 1024
+# SigV4 presigned links live 7 days at the most; AWS refuses a longer expiry.
+MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
+MIN_PART_BYTES = 5 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,20 @@ class BucketSettings:
     region: str | None = None
     prefix: str = ""
     public_url: str | None = None
-    presign_expires_s: int = 7 * 24 * 3600
+    presign_expires_s: int = MAX_PRESIGN_EXPIRES_S
     addressing_style: str = "auto"
+    # Per request: a server that accepts and never answers costs at most attempts × read timeout, plus backoff.
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    max_attempts: int = 3
+    # What `finish` waits for all of a job's uploads at the most, whatever the server does.
+    upload_timeout_s: float = 60.0
+    # Objects from this size up go in parts of this size (S3's smallest part is 5 MiB).
+    multipart_threshold: int = 16 * 1024 * 1024
 
     def __repr__(self) -> str:
         # The secret must never reach a log line, even through a repr of the settings.
-        return (
-            f"BucketSettings(name={self.name!r}, endpoint_url={self.endpoint_url!r}, prefix={self.prefix!r})"
-        )
+        return f"BucketSettings(name={self.name!r}, endpoint_url={self.endpoint_url!r}, prefix={self.prefix!r})"
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class Settings:
     worker_tasks: frozenset[str] | None = None
     bucket: BucketSettings | None = None
     max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES
+    # Without a bucket: results written here instead of inline (local runs).
+    output_dir: Path | None = None
     allow_private_urls: bool = False
     max_input_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
@@ -66,6 +77,7 @@ class Settings:
             worker_tasks=reader.names("WORKER_TASKS"),
             bucket=_bucket_from_env(reader),
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", DEFAULT_MAX_INLINE_BYTES, minimum=1024),
+            output_dir=reader.optional_path("OUTPUT_DIR"),
             allow_private_urls=reader.flag("ALLOW_PRIVATE_INPUT_URLS"),
             max_input_bytes=reader.integer("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1024),
             max_input_pixels=reader.integer("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64),
@@ -88,8 +100,17 @@ def _bucket_from_env(reader: _Reader) -> BucketSettings | None:
         region=reader.text("BUCKET_REGION", "") or None,
         prefix=reader.text("BUCKET_PREFIX", "").strip("/"),
         public_url=reader.text("BUCKET_PUBLIC_URL", "").rstrip("/") or None,
-        presign_expires_s=reader.integer("PRESIGN_EXPIRES_S", 7 * 24 * 3600, minimum=1),
+        presign_expires_s=reader.integer(
+            "PRESIGN_EXPIRES_S", MAX_PRESIGN_EXPIRES_S, minimum=1, maximum=MAX_PRESIGN_EXPIRES_S
+        ),
         addressing_style=reader.choice("BUCKET_ADDRESSING_STYLE", "auto", ("auto", "path", "virtual")),
+        connect_timeout_s=reader.number("BUCKET_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+        read_timeout_s=reader.number("BUCKET_READ_TIMEOUT_S", 15.0, minimum=0.1),
+        max_attempts=reader.integer("BUCKET_MAX_ATTEMPTS", 3, minimum=1),
+        upload_timeout_s=reader.number("BUCKET_UPLOAD_TIMEOUT_S", 60.0, minimum=0.1),
+        multipart_threshold=reader.integer(
+            "BUCKET_MULTIPART_THRESHOLD_BYTES", 16 * 1024 * 1024, minimum=MIN_PART_BYTES
+        ),
     )
 
 
@@ -102,13 +123,17 @@ class _Reader:
     def text(self, name: str, default: str) -> str:
         return self.env.get(name, default).strip()
 
+    def optional_path(self, name: str) -> Path | None:
+        value = self.text(name, "")
+        return Path(value).expanduser() if value else None
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()
         if value not in choices:
             raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
         return value
 
-    def integer(self, name: str, default: int, minimum: int) -> int:
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
         raw = self.text(name, str(default))
         try:
             value = int(raw)
@@ -116,6 +141,8 @@ class _Reader:
             raise ConfigError(f"{name}={raw!r}: must be an integer") from None
         if value < minimum:
             raise ConfigError(f"{name}={value}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name}={value}: must be at most {maximum}")
         return value
 
     def number(self, name: str, default: float, minimum: float) -> float:

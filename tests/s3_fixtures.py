@@ -1,0 +1,221 @@
+"""Real S3 servers on loopback for tests: moto in server mode over HTTP, with IAM users whose keys it can be made to
+check, and servers that misbehave the ways stores do (stopped, silent, throttling, slow).
+
+Import the fixtures where they are needed (`from s3_fixtures import s3_server, ...`). moto keeps its state per
+process, so every server here sees the same buckets and users."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from diffusion_worker.config import BucketSettings
+
+REGION = "us-east-1"
+# Small enough that each failure ends in a few seconds, with room for moto on a busy machine.
+FAST_FAILURE = {"connect_timeout_s": 1.0, "read_timeout_s": 1.0, "max_attempts": 2, "upload_timeout_s": 10.0}
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
+ALLOW_S3 = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key_id: str
+    secret_access_key: str
+
+    def client(self, service: str = "s3") -> Any:
+        return boto3.session.Session().client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            config=Config(signature_version="s3v4"),
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def bucket(self, name: str, **changes: Any) -> BucketSettings:
+        """Settings for a bucket on this server (or, with `endpoint_url`, on another), with short timeouts."""
+        fields = {
+            "endpoint_url": self.endpoint,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+            **FAST_FAILURE,
+            **changes,
+        }
+        return BucketSettings(name=name, **fields)
+
+    def add_user(self, name: str) -> S3Server:
+        """An IAM user allowed all of S3; the server holds them to their keys inside `enforced_auth`."""
+        iam = self.client("iam")
+        unique = f"{name}-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=unique)
+        iam.put_user_policy(UserName=unique, PolicyName="s3", PolicyDocument=ALLOW_S3)
+        key = iam.create_access_key(UserName=unique)["AccessKey"]
+        return S3Server(self.endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+
+    @contextmanager
+    def enforced_auth(self) -> Iterator[None]:
+        """Makes the server check every request's signature and key against its IAM users, as S3 does.
+
+        moto accepts any key unless told otherwise, through its own API; the switch is global to the process,
+        so it is on only inside this block. moto checks header signatures only: presigned links fail while on."""
+        self._reset_auth("0")
+        try:
+            yield
+        finally:
+            self._reset_auth("inf")
+
+    def _reset_auth(self, free_requests: str) -> None:
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=free_requests.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 over HTTP on 127.0.0.1, with an IAM user whose keys the tests use."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        # Any key works until auth is enforced: the bootstrap key only creates the real user.
+        bootstrap = S3Server(f"http://{host}:{port}", "AKIABOOTSTRAP0000000", "bootstrap")
+        yield bootstrap.add_user("worker")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def stopped_endpoint() -> str:
+    """The address of an S3 server that has stopped: connections are refused."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    server.stop()
+    return f"http://{host}:{port}"
+
+
+class SilentServer:
+    """Accepts connections and never answers: a hung store, or a proxy that black-holes requests."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        for connection in [*self.connections, self.listener]:
+            connection.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@dataclass
+class Interposer:
+    """moto's S3 behind a front of our own: it answers the first `throttle` requests with 503 SlowDown, as S3 does
+    under load, delays every answer by `delay_s`, and records what each request looked like on the wire."""
+
+    throttle: int = 0
+    delay_s: float = 0.0
+    # Per request: method, path with query, lower-cased header names.
+    requests: list[tuple[str, str, frozenset[str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        self.moto = DomainDispatcherApplication(create_backend_app)
+        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING")
+        headers = frozenset(name[5:].replace("_", "-").lower() for name in environ if name.startswith("HTTP_"))
+        with self.lock:
+            self.requests.append(
+                (environ["REQUEST_METHOD"], environ["PATH_INFO"] + (f"?{query}" if query else ""), headers)
+            )
+            throttled = self.throttle > 0
+            self.throttle -= throttled
+        time.sleep(self.delay_s)
+        if throttled:
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            start_response("503 Slow Down", [("Content-Type", "application/xml")])
+            return [SLOW_DOWN]
+        return self.moto(environ, start_response)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.fixture
+def interposer() -> Iterator[Callable[..., Interposer]]:
+    """Makes Interposers (`interposer(throttle=2)`), closed after the test."""
+    made: list[Interposer] = []
+
+    def make(**settings: Any) -> Interposer:
+        made.append(Interposer(**settings))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.close()
