@@ -33,7 +33,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
     "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
+    # PLMS without the Runge-Kutta warm-up, as Stable Diffusion's own PNDM config: the warm-up needs 4 steps or more.
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "lms": (LMSDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),

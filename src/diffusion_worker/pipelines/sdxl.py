@@ -1,33 +1,56 @@
-"""SDXL: one set of weights, loaded once, serving every SDXL task.
+"""SDXL: one set of weights, loaded once, serving txt2img, img2img and ControlNet-depth, each with LoRAs.
 
-Each job runs on a throwaway pipeline object built around the shared components with its own fresh
-scheduler, so per-call state (scheduler timesteps, guidance flags, progress bars) never outlives the job.
+Each job runs on a throwaway pipeline object of its task's class, built around the shared components with its
+own fresh scheduler (diffusers' `from_pipe` would share the scheduler too), so per-call state (scheduler
+timesteps, guidance flags, progress bars) never outlives the job and no two pipelines hold a copy of a weight.
+
+Input images (img2img's `image`, a ControlNet job's `image` or `control_image`) set the output size when the
+request gives none, and are fitted to the output size by `cover`; see `output_size`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-from PIL import Image
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image, ImageOps
 
 from ..config import Settings
+from ..errors import InvalidInput
 from ..manifest import Manifest, ModelRole
 from ..placement import Placement
-from ..schema import Txt2Img
+from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
+from .depth import DepthEstimator
 from .loras import LoraRegistry
 from .outputs import GeneratedImage
 from .schedulers import build_scheduler, scheduler_name_of
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 5.0
+SdxlRequest = Txt2Img | Img2Img | ControlNetDepth
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionXLPipeline,
+    "img2img": StableDiffusionXLImg2ImgPipeline,
+    "controlnet_depth": StableDiffusionXLControlNetPipeline,
+}
+# The manifest roles every SDXL task needs, and those ControlNet-depth needs besides.
+BASE_ROLES = ("sdxl", "sdxl_vae")
+CONTROLNET_ROLES = ("controlnet_depth", "depth_estimator")
 
 
 class SdxlFamily:
-    TASKS = frozenset({"txt2img"})
+    TASKS = frozenset(PIPELINES)
 
     def __init__(
         self,
@@ -36,26 +59,37 @@ class SdxlFamily:
         placement: Placement,
         tasks: frozenset[str],
         loras: LoraRegistry,
+        controlnet: ControlNetModel | None = None,
+        depth: DepthEstimator | None = None,
     ) -> None:
         self.base = base
         self.roles = roles
         self.placement = placement
         self.tasks = tasks
         self.loras = loras
+        self.controlnet = controlnet
+        self.depth = depth
         self.default_scheduler = scheduler_name_of(base.scheduler)
         # The UNet's latent size times the VAE's downsampling: 1024 for the real SDXL base.
         self.default_size = base.unet.config.sample_size * base.vae_scale_factor
 
     @classmethod
     def available_tasks(cls, models_dir: Path, manifest: Manifest) -> frozenset[str]:
-        """The tasks whose models are all in the models folder."""
-        needed = (manifest.role(name).path(models_dir) for name in ("sdxl", "sdxl_vae"))
-        return cls.TASKS if all(path.is_dir() for path in needed) else frozenset()
+        """The tasks whose models the builder has completely put in the models folder."""
+
+        def present(roles: tuple[str, ...]) -> bool:
+            return all(manifest.role(name).is_complete(models_dir) for name in roles)
+
+        if not present(BASE_ROLES):
+            return frozenset()
+        if present(CONTROLNET_ROLES):
+            return cls.TASKS
+        return cls.TASKS - {"controlnet_depth"}
 
     @classmethod
     def load(cls, settings: Settings, manifest: Manifest, placement: Placement, tasks: frozenset[str]) -> SdxlFamily:
         models_dir = settings.models_dir
-        base_role, vae_role = manifest.role("sdxl"), manifest.role("sdxl_vae")
+        base_role, vae_role = (manifest.role(name) for name in BASE_ROLES)
         vae = AutoencoderKL.from_pretrained(
             vae_role.path(models_dir),
             dtype=placement.dtype_for(vae_role.dtype),
@@ -72,56 +106,112 @@ class SdxlFamily:
         base.to(placement.device)
         base.set_progress_bar_config(disable=True)
         loras = LoraRegistry.scan(models_dir, "sdxl", settings.lora_cache_size)
-        return cls(base, [base_role, vae_role], placement, tasks, loras)
+        roles = [base_role, vae_role]
+        controlnet = depth = None
+        if "controlnet_depth" in tasks:
+            controlnet_role, depth_role = (manifest.role(name) for name in CONTROLNET_ROLES)
+            controlnet = ControlNetModel.from_pretrained(
+                controlnet_role.path(models_dir),
+                dtype=placement.dtype_for(controlnet_role.dtype),
+                variant=_variant_in(controlnet_role.path(models_dir), controlnet_role.variant),
+                local_files_only=True,
+            ).to(placement.device)
+            depth = DepthEstimator.load(
+                depth_role.path(models_dir), placement.device, placement.dtype_for(depth_role.dtype)
+            )
+            roles += [controlnet_role, depth_role]
+        return cls(base, roles, placement, tasks, loras, controlnet, depth)
 
-    def resolve(self, request: Txt2Img) -> Txt2Img:
+    def resolve(self, request: SdxlRequest, inputs: Mapping[str, Image.Image]) -> SdxlRequest:
         """Fills what the request left to the model's defaults, so `parameters` shows what really ran."""
         self.loras.check(request.loras)
+        source = inputs.get("image", inputs.get("control_image"))
+        width, height = output_size(
+            request.width, request.height, source, (self.default_size, self.default_size), SDXL_SIZE
+        )
+        steps = request.num_inference_steps or DEFAULT_STEPS
+        # img2img denoises the last int(steps × strength) steps only: none would leave the input image unchanged.
+        if isinstance(request, Img2Img) and int(steps * request.strength) < 1:
+            raise InvalidInput(
+                f"strength: {request.strength} × num_inference_steps {steps} leaves no step to run; "
+                "their product must be at least 1"
+            )
         return request.model_copy(
             update={
-                "width": request.width or self.default_size,
-                "height": request.height or self.default_size,
-                "num_inference_steps": request.num_inference_steps or DEFAULT_STEPS,
+                "width": width,
+                "height": height,
+                "num_inference_steps": steps,
                 "guidance_scale": DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale,
                 "scheduler": request.scheduler or self.default_scheduler,
             }
         )
 
-    def generate(self, request: Txt2Img, seed: int, inputs: dict[str, Image.Image]) -> Iterator[GeneratedImage]:
-        """Yields image k from seed + k, one at a time, so the caller encodes and uploads while the next denoises.
+    def generate(self, request: SdxlRequest, seed: int, inputs: Mapping[str, Image.Image]) -> Iterator[GeneratedImage]:
+        """Yields image k from seed + k, one at a time, so the caller encodes and uploads while the next denoises;
+        then, if asked for, the depth map a ControlNet job was conditioned on.
 
         One image per call rather than a batch: image k is then bit-identical to a one-image job with seed + k,
         and memory does not grow with num_images.
         """
-        pipeline = self._job_pipeline(request.scheduler)
+        size = (request.width, request.height)
+        control_image = None
+        if isinstance(request, Img2Img):
+            arguments = {"image": cover(inputs["image"], size), "strength": request.strength}
+        elif isinstance(request, ControlNetDepth):
+            control_image = self._control_image(inputs, size)
+            arguments = {
+                "image": control_image,
+                "width": request.width,
+                "height": request.height,
+                "controlnet_conditioning_scale": request.controlnet_conditioning_scale,
+                "control_guidance_start": request.control_guidance_start,
+                "control_guidance_end": request.control_guidance_end,
+            }
+        else:
+            arguments = {"width": request.width, "height": request.height}
+        pipeline = self.pipeline_for(request.task, request.scheduler)
         with self.loras.applied(pipeline, request.loras):
             for index in range(request.num_images):
                 image_seed = seed + index
                 output = pipeline(
                     prompt=request.prompt,
                     negative_prompt=request.negative_prompt or None,
-                    width=request.width,
-                    height=request.height,
                     num_inference_steps=request.num_inference_steps,
                     guidance_scale=request.guidance_scale,
                     generator=_generator(image_seed),
                     output_type="pil",
+                    **arguments,
                 )
                 yield GeneratedImage(image=output.images[0], seed=image_seed)
+        if control_image is not None and request.return_control_image:
+            yield GeneratedImage(image=control_image, seed=seed, kind="control_image")
 
-    def _job_pipeline(self, scheduler_name: str) -> StableDiffusionXLPipeline:
-        components = {
+    def pipeline_for(self, task: str, scheduler_name: str) -> DiffusionPipeline:
+        """A job's own pipeline of the task's class: the shared models, a scheduler of its own."""
+        components: dict[str, Any] = {
             **self.base.components,
             "scheduler": build_scheduler(scheduler_name, self.base.scheduler.config),
         }
-        pipeline = StableDiffusionXLPipeline(**components, add_watermarker=False)
+        if task == "controlnet_depth":
+            components["controlnet"] = self.controlnet
+        pipeline = PIPELINES[task](
+            **components,
+            force_zeros_for_empty_prompt=self.base.config.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def _control_image(self, inputs: Mapping[str, Image.Image], size: tuple[int, int]) -> Image.Image:
+        """A given depth map fitted to the output size as it is, or one estimated from the fitted `image`."""
+        if "control_image" in inputs:
+            return cover(inputs["control_image"], size)
+        return self.depth.estimate(cover(inputs["image"], size))
 
     def describe(self) -> dict[str, Any]:
         return {
             "tasks": sorted(self.tasks),
-            "models": [_describe_role(role) for role in self.roles],
+            "models": [describe_role(role) for role in self.roles],
             "default_size": self.default_size,
             "default_scheduler": self.default_scheduler,
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),
@@ -129,7 +219,53 @@ class SdxlFamily:
         }
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return [self.base.unet, self.base.vae, self.base.text_encoder, self.base.text_encoder_2]
+        modules = [self.base.unet, self.base.vae, self.base.text_encoder, self.base.text_encoder_2]
+        if self.controlnet is not None:
+            modules += [self.controlnet, self.depth.model]
+        return modules
+
+
+def output_size(
+    width: int | None,
+    height: int | None,
+    source: Image.Image | None,
+    default: tuple[int, int],
+    size_rule: tuple[int, int, int],
+) -> tuple[int, int]:
+    """The output size of a job: the request's; where it gives none, the input image's aspect ratio.
+
+    Without width and height, an input image's aspect ratio at the pixel count of the model's default size (what it
+    was trained on: 1024² for SDXL, 832×480 for WAN): a small image is generated larger, a large photo smaller, and
+    a job's cost does not depend on the input's resolution. With one of them, the other follows the input's aspect
+    ratio. Each side is rounded to the model's multiple within its bounds (`size_rule`: minimum, maximum,
+    multiple); `cover` then fits the image to the size.
+    """
+    if width and height:
+        return width, height
+    if source is None:
+        return width or default[0], height or default[1]
+    aspect = source.width / source.height
+    if width:
+        return width, _round_side(width / aspect, size_rule)
+    if height:
+        return _round_side(height * aspect, size_rule), height
+    scale = math.sqrt(default[0] * default[1] / (source.width * source.height))
+    return _round_side(source.width * scale, size_rule), _round_side(source.height * scale, size_rule)
+
+
+def _round_side(length: float, size_rule: tuple[int, int, int]) -> int:
+    low, high, multiple = size_rule
+    return min(max(round(length / multiple) * multiple, low), high)
+
+
+def cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scales `image` to cover `size` with its aspect ratio kept, cutting what overflows equally from both sides.
+
+    Nothing is stretched and nothing is padded; an image already of `size` is used as it is.
+    """
+    if image.size == size:
+        return image
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -139,10 +275,10 @@ def _generator(seed: int) -> torch.Generator:
 
 def _variant_in(folder: Path, variant: str | None) -> str | None:
     """The manifest's weight variant (fp16) if the folder holds files of it, else the plain weights."""
-    if variant and any(folder.glob(f"*/*.{variant}.safetensors")):
+    if variant and any(folder.rglob(f"*.{variant}.safetensors")):
         return variant
     return None
 
 
-def _describe_role(role: ModelRole) -> dict[str, str]:
+def describe_role(role: ModelRole) -> dict[str, str]:
     return {"role": role.name, "repo_id": role.repo_id, "revision": role.revision}
