@@ -122,3 +122,13 @@ def test_runsync_reports_bad_input_as_failed(api_server: str) -> None:
     body = answer.json()
     assert body["status"] == "FAILED"
     assert "INVALID_INPUT: num_images" in json.dumps(body)
+
+
+def test_runsync_video(api_server: str) -> None:
+    job = {**JOB, "task": "txt2video", "num_frames": 9}
+    answer = requests.post(f"{api_server}/runsync", json={"input": job}, timeout=120).json()
+    assert answer["status"] == "COMPLETED", answer
+    video = answer["output"]["video"]
+    assert video["data"].startswith("data:video/mp4;base64,")
+    assert video["thumbnail_data"].startswith("data:image/webp;base64,")
+    assert (video["format"], video["num_frames"], video["fps"], video["width"]) == ("mp4", 9, 16, 64)

@@ -23,7 +23,7 @@ from diffusion_worker.pipelines import loras as loras_module
 from diffusion_worker.pipelines.depth import depth_to_image
 from diffusion_worker.pipelines.loras import LoraRegistry
 from diffusion_worker.pipelines.sdxl import SdxlFamily, cover, output_size
-from diffusion_worker.schema import SDXL_SIZE, LoraRef, parse_input
+from diffusion_worker.schema import SDXL_SIZE, TASKS, VIDEO_TASKS, LoraRef, parse_input
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.json"))
@@ -427,10 +427,12 @@ def test_info_lists_the_tasks_models_and_loras(run_job: Callable[..., dict]) -> 
 
 
 def example_input(path: Path) -> dict:
-    """An example's input with at most 2 steps: on tiny random models more steps only cost time."""
+    """An example's input with at most 2 steps and 5 frames: on tiny random models more only cost time."""
     job_input = json.loads(path.read_text())["input"]
     if "num_inference_steps" in job_input:
         job_input["num_inference_steps"] = min(job_input["num_inference_steps"], 2)
+    if "num_frames" in job_input:
+        job_input["num_frames"] = 5
     return job_input
 
 
@@ -439,13 +441,16 @@ def check_example_output(job_input: dict, output: dict) -> None:
     if job_input["task"] == "info":
         assert sdxl_info(output)["loras"] == LORA_NAMES
         return
+    if job_input["task"] in VIDEO_TASKS:
+        assert output["video"]["num_frames"] == job_input["num_frames"]
+        return
     assert len(output["images"]) == job_input.get("num_images", 1)
     assert ("control_image" in output) == job_input.get("return_control_image", False)
 
 
-def test_there_is_an_example_for_every_sdxl_task() -> None:
+def test_there_is_an_example_for_every_task() -> None:
     tasks = {json.loads(path.read_text())["input"]["task"] for path in EXAMPLES}
-    assert tasks >= {"txt2img", "img2img", "controlnet_depth", "info"}
+    assert tasks == set(TASKS)
     for path in EXAMPLES:
         parse_input(json.loads(path.read_text())["input"])
 

@@ -6,13 +6,16 @@ import hashlib
 import logging
 import platform
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -30,15 +33,16 @@ from .errors import (
 from .hygiene import memory_figures, release_memory
 from .inputs import InputLimits, load_image
 from .manifest import Manifest, load_manifest
-from .media import check_not_blank, encode_image, encode_thumbnail
-from .pipelines.outputs import GeneratedImage
+from .media import check_not_blank, encode_image, encode_thumbnail, encode_video
+from .pipelines.outputs import GeneratedImage, GeneratedVideo
 from .pipelines.sdxl import SdxlFamily
+from .pipelines.wan import WanFamily
 from .placement import Placement
 from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, GenerationRequest, Info, parse_input
 from .storage import Asset, bucket_for_job, open_sink
 
 log = logging.getLogger(__name__)
-FAMILIES = (SdxlFamily,)
+FAMILIES = (SdxlFamily, WanFamily)
 INPUT_IMAGE_FIELDS = ("image", "control_image")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "runpod", "pydantic")
 
@@ -64,15 +68,15 @@ class Worker:
         self.settings = settings
         self.manifest = manifest
         self.placement = placement
-        self.families: dict[str, SdxlFamily] = families
+        self.families: dict[str, SdxlFamily | WanFamily] = families
         self.input_limits = InputLimits.from_settings(settings)
         # Pipelines are shared and not thread-safe: one job at a time on the GPU.
         self.gpu_lock = threading.Lock()
 
     @classmethod
-    def load(cls, settings: Settings, manifest: Manifest | None = None) -> Worker:
+    def load(cls, settings: Settings) -> Worker:
         """Loads every pipeline this worker serves; raises at once if the settings or models can't serve them."""
-        manifest = manifest or load_manifest()
+        manifest = load_manifest(settings.manifest_path)
         placement = Placement.from_settings(settings)
         available = {
             family: family.available_tasks(settings.models_dir, manifest) & family.TASKS for family in FAMILIES
@@ -134,38 +138,48 @@ class Worker:
                 f"task: {request.task} is not served by this worker (it serves {', '.join(self.tasks)})"
             )
         bucket = bucket_for_job(self.settings.bucket, job.get("s3Config"))
-        request = family.resolve(request)
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        request = request.model_copy(update={"seed": seed})
-        log.info("job %s: %s", job_id, _summary(request))
-        # Downloads and decoding happen before the GPU lock: they need no GPU and may be slow.
+        # Downloads and decoding happen before the GPU lock: they need no GPU and may be slow. They come before
+        # `resolve` because an input image sets the output size where the request gives none.
         inputs = {
             name: load_image(getattr(request, name), name, self.input_limits)
             for name in INPUT_IMAGE_FIELDS
             if getattr(request, name, None) is not None
         }
-        sink = open_sink(bucket, job_id, self.settings.max_inline_bytes)
+        request = family.resolve(request, inputs)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        request = request.model_copy(update={"seed": seed})
+        log.info("job %s: %s", job_id, _summary(request))
+        sink = open_sink(bucket, job_id, self.settings.max_inline_bytes, self.settings.output_dir)
         described: list[tuple[str, dict[str, Any]]] = []
         try:
-            with self.gpu_lock, closing(family.generate(request, seed, inputs)) as generated:
+            # Files the encoding writes (an MP4 is finished in place) go to a folder of the job's own, removed when
+            # the outputs are encoded, whether the job succeeds, fails or is stopped.
+            with (
+                tempfile.TemporaryDirectory(prefix="diffusion-job-", ignore_cleanup_errors=True) as scratch,
+                self.gpu_lock,
+                closing(family.generate(request, seed, inputs)) as generated,
+            ):
                 for index, output in enumerate(_timed(generated, timings)):
                     began = time.perf_counter()
-                    asset, thumbnail, facts = _encode(output, request, index)
+                    asset, thumbnail, facts = _encode(output, request, index, Path(scratch))
                     timings.encode_s += time.perf_counter() - began
                     sink.put(index, asset, thumbnail)
                     described.append((output.kind, facts))
-            response: dict[str, Any] = {"seed": seed, "parameters": request.model_dump()}
+            response: dict[str, Any] = {"seed": seed, "parameters": _echoed_parameters(request)}
             began = time.perf_counter()
             metadata = {
                 **response,
                 "job_id": job_id,
                 "outputs": [{"kind": kind, **facts} for kind, facts in described],
                 "models": family.describe()["models"],
+                # Upload time is still running here; the response has the final figures.
+                "timings": {name: value for name, value in timings.as_dict().items() if name != "upload_s"},
             }
             delivered = sink.finish(metadata)
             timings.upload_s += time.perf_counter() - began
         finally:
             sink.close()
+        response.update(sink.result_json)
         for (kind, facts), where in zip(described, delivered, strict=True):
             entry = {**where, **facts}
             if kind == "image":
@@ -214,22 +228,51 @@ def _timed(generated: Iterator[Any], timings: Timings) -> Iterator[Any]:
         yield item
 
 
-def _encode(output: GeneratedImage, request: GenerationRequest, index: int) -> tuple[Asset, Asset | None, dict]:
+def _encode(
+    output: GeneratedImage | GeneratedVideo, request: GenerationRequest, index: int, scratch: Path
+) -> tuple[Asset, Asset | None, dict]:
     """Checks and encodes one output, returning its file, its thumbnail and the facts the response lists."""
-    check_not_blank(output.image, f"{output.kind} {index}")
-    # A depth map is data, not a picture: always lossless.
-    output_format = request.output_format if output.kind == "image" else "png"
-    asset = encode_image(output.image, output_format, request.output_quality)
-    thumbnail = encode_thumbnail(output.image, request.thumbnail_size) if request.thumbnail_size else None
+    extra: dict[str, int] = {}
+    if isinstance(output, GeneratedVideo):
+        check_not_blank(output.frames, f"video {index}")
+        asset = encode_video(output.frames, output.fps, scratch)
+        picture = output.middle_frame
+        extra = {"num_frames": len(output.frames), "fps": output.fps}
+    elif output.kind == "image":
+        check_not_blank(output.image, f"image {index}")
+        asset = encode_image(output.image, request.output_format, request.output_quality)
+        picture = output.image
+    else:
+        # A depth map is data, not a picture: always lossless, and uniform where the scene is flat, so not checked
+        # for blankness.
+        asset = encode_image(output.image, "png", request.output_quality)
+        picture = output.image
+    thumbnail = encode_thumbnail(picture, request.thumbnail_size) if request.thumbnail_size else None
     facts = {
-        "width": output.image.width,
-        "height": output.image.height,
+        "width": picture.width,
+        "height": picture.height,
         "format": asset.ext,
         "seed": output.seed,
         "bytes": len(asset.data),
         "sha256": hashlib.sha256(asset.data).hexdigest(),
+        **extra,
     }
     return asset, thumbnail, facts
+
+
+def _echoed_parameters(request: GenerationRequest) -> dict[str, Any]:
+    """The resolved request as the response and result.json repeat it. An input image sent inline is named by the
+    SHA-256 of the string sent rather than sent back; a URL loses its query, which may hold a signature."""
+    parameters = request.model_dump(mode="json")
+    for name in INPUT_IMAGE_FIELDS:
+        value = parameters.get(name)
+        if value is None:
+            continue
+        if value.startswith("https://"):
+            parameters[name] = urlunsplit(urlsplit(value)._replace(query="", fragment=""))
+        else:
+            parameters[name] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return parameters
 
 
 def _summary(request: GenerationRequest) -> str:

@@ -1,0 +1,201 @@
+"""WAN 2.1 video: text-to-video on the T2V model and, where the manifest configures one, image-to-video on the I2V
+model, each with the LoRAs of its own family.
+
+As for SDXL, each job runs on a throwaway pipeline object around the shared, loaded-once components, with a
+scheduler of its own built fresh from the model's config, so no job leaves timesteps or flags behind.
+
+Defaults are the ones the WAN team and diffusers give for these 480p models: 832×480, 81 frames (5 s at 16 fps),
+guidance 5.0, 50 steps for text-to-video and 40 for image-to-video, and UniPC on flow sigmas with a flow shift of 3.0
+at 480p or less and 5.0 above. The input image of img2video sets the size when the request gives none and is fitted
+to the size as for img2img: `output_size`, then `cover`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from PIL import Image
+from transformers import CLIPVisionModel
+
+from ..config import Settings
+from ..errors import InvalidInput
+from ..manifest import Manifest, ModelRole
+from ..placement import Placement
+from ..schema import WAN_SIZE, Img2Video, Txt2Video
+from .loras import LoraRegistry
+from .outputs import GeneratedVideo
+from .sdxl import cover, describe_role, output_size
+
+WanRequest = Txt2Video | Img2Video
+WanPipelines = WanPipeline | WanImageToVideoPipeline
+PIPELINES: dict[str, type[WanPipelines]] = {"txt2video": WanPipeline, "img2video": WanImageToVideoPipeline}
+# The manifest role serving each task; its LoRAs live in the LoRA family of the same name.
+ROLES = {"txt2video": "wan_t2v", "img2video": "wan_i2v"}
+DEFAULT_SIZE = (832, 480)
+DEFAULT_FRAMES = 81
+DEFAULT_STEPS = {"txt2video": 50, "img2video": 40}
+DEFAULT_GUIDANCE = 5.0
+# Flow shift by size: diffusers' WAN docs give 3.0 for 480p and 5.0 for 720p.
+FLOW_SHIFT_480P = 3.0
+FLOW_SHIFT_720P = 5.0
+# The largest job a worker takes, in the transformer's tokens: as many as 1280×720 at 81 frames makes, the largest
+# clip WAN 2.1 is made for. Attention grows with the square of the tokens: 1280×1280 at 161 frames, which the schema
+# alone allows, is 3.5× the tokens and 12× the attention, and would more likely run out of memory than finish.
+MAX_TOKENS_AT = (1280, 720, 81)
+
+
+class WanFamily:
+    TASKS = frozenset(PIPELINES)
+
+    def __init__(
+        self, pipelines: dict[str, WanPipelines], roles: list[ModelRole], loras: dict[str, LoraRegistry]
+    ) -> None:
+        self.pipelines = pipelines
+        self.roles = roles
+        self.loras = loras
+        self.tasks = frozenset(pipelines)
+
+    @classmethod
+    def available_tasks(cls, models_dir: Path, manifest: Manifest) -> frozenset[str]:
+        """The tasks whose model the manifest configures and the builder has completely put in the models folder."""
+        return frozenset(
+            task
+            for task, role in ROLES.items()
+            if role in manifest.roles and manifest.role(role).is_complete(models_dir)
+        )
+
+    @classmethod
+    def load(cls, settings: Settings, manifest: Manifest, placement: Placement, tasks: frozenset[str]) -> WanFamily:
+        pipelines: dict[str, WanPipelines] = {}
+        loras: dict[str, LoraRegistry] = {}
+        roles: list[ModelRole] = []
+        for task in sorted(tasks):
+            role = manifest.role(ROLES[task])
+            pipelines[task] = _load_pipeline(PIPELINES[task], role, settings.models_dir, placement)
+            loras[task] = LoraRegistry.scan(settings.models_dir, role.name, settings.lora_cache_size)
+            roles.append(role)
+        return cls(pipelines, roles, loras)
+
+    def resolve(self, request: WanRequest, inputs: Mapping[str, Image.Image]) -> WanRequest:
+        """Fills what the request left to the model's defaults, so `parameters` shows what really ran, and refuses
+        a job larger than the worker takes."""
+        self.loras[request.task].check(request.loras)
+        width, height = output_size(request.width, request.height, inputs.get("image"), DEFAULT_SIZE, WAN_SIZE)
+        num_frames = request.num_frames or DEFAULT_FRAMES
+        pipeline = self.pipelines[request.task]
+        budget = _tokens(pipeline, *MAX_TOKENS_AT)
+        if _tokens(pipeline, width, height, num_frames) > budget:
+            # Frames come in latent frames of 4 after the first; at the schema's largest size 41 frames still fit.
+            most = (budget // _tokens(pipeline, width, height, 1) - 1) * pipeline.vae_scale_factor_temporal + 1
+            largest = "{}×{} at {} frames".format(*MAX_TOKENS_AT)
+            raise InvalidInput(
+                f"num_frames: {num_frames} frames at {width}×{height} is more than this worker takes (as much as "
+                f"{largest}); at {width}×{height} use at most {most} frames, or a smaller size"
+            )
+        return request.model_copy(
+            update={
+                "width": width,
+                "height": height,
+                "num_frames": num_frames,
+                "num_inference_steps": request.num_inference_steps or DEFAULT_STEPS[request.task],
+                "guidance_scale": DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale,
+            }
+        )
+
+    def generate(self, request: WanRequest, seed: int, inputs: Mapping[str, Image.Image]) -> Iterator[GeneratedVideo]:
+        """Yields the one video of the job, once its LoRAs are removed again."""
+        arguments: dict[str, Any] = {}
+        if isinstance(request, Img2Video):
+            arguments["image"] = cover(inputs["image"], (request.width, request.height))
+        pipeline = self.pipeline_for(request.task, request.width, request.height)
+        with self.loras[request.task].applied(pipeline, request.loras):
+            output = pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt or None,
+                width=request.width,
+                height=request.height,
+                num_frames=request.num_frames,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                # Initial noise is drawn on the CPU: the same seed then gives the same latents on any GPU or none.
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np",
+                **arguments,
+            )
+        # Floats in [0, 1] to bytes, rounded as diffusers rounds its own PIL images.
+        frames = (output.frames[0] * 255).round().astype(np.uint8)
+        yield GeneratedVideo(frames=frames, fps=request.fps, seed=seed)
+
+    def pipeline_for(self, task: str, width: int, height: int) -> WanPipelines:
+        """A job's own pipeline of the task's class: the shared models, a scheduler of its own for the job's size."""
+        base = self.pipelines[task]
+        shift = FLOW_SHIFT_480P if width * height <= DEFAULT_SIZE[0] * DEFAULT_SIZE[1] else FLOW_SHIFT_720P
+        scheduler = UniPCMultistepScheduler.from_config(
+            base.scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift
+        )
+        pipeline = PIPELINES[task](
+            **{**base.components, "scheduler": scheduler},
+            boundary_ratio=base.config.boundary_ratio,
+            expand_timesteps=base.config.expand_timesteps,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def describe(self) -> dict[str, Any]:
+        any_pipeline = next(iter(self.pipelines.values()))
+        return {
+            "tasks": sorted(self.tasks),
+            "models": [describe_role(role) for role in self.roles],
+            "default_size": list(DEFAULT_SIZE),
+            "default_num_frames": DEFAULT_FRAMES,
+            "default_steps": {task: DEFAULT_STEPS[task] for task in sorted(self.tasks)},
+            "default_guidance_scale": DEFAULT_GUIDANCE,
+            "largest_job": dict(zip(("width", "height", "num_frames"), MAX_TOKENS_AT, strict=True)),
+            "dtype": str(any_pipeline.transformer.dtype).removeprefix("torch."),
+            "loras": {task: self.loras[task].names for task in sorted(self.tasks)},
+        }
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return [
+            component
+            for pipeline in self.pipelines.values()
+            for component in pipeline.components.values()
+            if isinstance(component, torch.nn.Module)
+        ]
+
+
+def _tokens(pipeline: WanPipelines, width: int, height: int, num_frames: int) -> int:
+    """The transformer's sequence length for a clip: latent frames × latent rows × latent columns, per patch."""
+    _, patch_height, patch_width = pipeline.transformer.config.patch_size
+    spatial, temporal = pipeline.vae_scale_factor_spatial, pipeline.vae_scale_factor_temporal
+    latent_frames = (num_frames - 1) // temporal + 1
+    return latent_frames * (height // (spatial * patch_height)) * (width // (spatial * patch_width))
+
+
+def _load_pipeline(
+    pipeline_class: type[WanPipelines], role: ModelRole, models_dir: Path, placement: Placement
+) -> WanPipelines:
+    folder = role.path(models_dir)
+    # The VAE, and I2V's CLIP image encoder, in float32 whatever the transformer's precision, as diffusers' WAN docs
+    # recommend for decoding quality; both are small next to the transformer and the text encoder.
+    full = placement.dtype_for("float32")
+    components: dict[str, torch.nn.Module] = {
+        "vae": AutoencoderKLWan.from_pretrained(
+            folder, subfolder="vae", dtype=full, variant=role.variant, local_files_only=True
+        )
+    }
+    if pipeline_class is WanImageToVideoPipeline:
+        components["image_encoder"] = CLIPVisionModel.from_pretrained(
+            folder, subfolder="image_encoder", dtype=full, variant=role.variant, local_files_only=True
+        )
+    pipeline = pipeline_class.from_pretrained(
+        folder, **components, dtype=placement.dtype_for(role.dtype), variant=role.variant, local_files_only=True
+    )
+    pipeline.to(placement.device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
