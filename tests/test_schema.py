@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -22,6 +24,7 @@ from diffusion_worker.schema import (
     parse_input,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGE = "aGVsbG8="
 BASE = {
     "txt2img": {"prompt": "a cat"},
@@ -139,7 +142,12 @@ def test_input_that_is_not_an_object(raw: object) -> None:
         ("img2img", {"strength": 1.01}, "strength", "less than or equal to 1"),
         ("controlnet_depth", {"image": IMAGE}, "image", "exactly one of"),
         ("controlnet_depth", {"controlnet_conditioning_scale": 2.5}, "controlnet_conditioning_scale", "less than"),
-        ("controlnet_depth", {"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start", ""),
+        (
+            "controlnet_depth",
+            {"control_guidance_start": 0.6, "control_guidance_end": 0.4},
+            "control_guidance_start",
+            "less",
+        ),
         ("controlnet_depth", {"return_control_image": "yes"}, "return_control_image", "valid boolean"),
         ("txt2video", {"width": 840}, "width", "multiple of 16 from 64 to 1280"),
         ("txt2video", {"height": 1296}, "height", "multiple of 16 from 64 to 1280"),
@@ -215,3 +223,17 @@ def test_json_schema_is_generated_from_the_models() -> None:
     for task in ("txt2img", "img2img", "controlnet_depth", "txt2video", "img2video", "info"):
         assert f'"{task}"' in text
     assert "size_rule" not in text
+
+
+def test_the_documented_contract_names_every_field_of_every_task() -> None:
+    documented = (REPO / "docs" / "API.md").read_text()
+    for model in (Txt2Img, Img2Img, ControlNetDepth, Txt2Video, Img2Video, Info):
+        for name in model.model_fields:
+            assert f"`{name}`" in documented, f"docs/API.md does not document {model.__name__}.{name}"
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (REPO / "README.md").read_text()
+    variables = set(re.findall(r'reader\.\w+\(\s*"([A-Z_]+)"', (REPO / "src/diffusion_worker/config.py").read_text()))
+    assert len(variables) > 20
+    assert not {name for name in variables if f"`{name}`" not in readme}
