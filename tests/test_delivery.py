@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from test_sdxl_family import PHOTO
+from test_storage import TYPES, fetch
 from test_video import FAST as VIDEO
 
 from diffusion_worker.config import Settings
@@ -30,19 +30,12 @@ JOBS = {
     "txt2video": VIDEO,
     "img2video": {**VIDEO, "task": "img2video", "image": PHOTO},
 }
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 
 
 def worker_with(worker: Worker, tiny_models_dir: Path, **env: str) -> Worker:
     """The session's loaded pipelines behind settings read from these environment variables, as at a cold start."""
     settings = Settings.from_env({"MODELS_DIR": str(tiny_models_dir), **env})
     return Worker(settings, worker.manifest, worker.placement, worker.families)
-
-
-def fetch(url: str) -> tuple[bytes, str]:
-    """A GET with no credentials, as a browser following the link makes."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read(), response.headers["Content-Type"]
 
 
 def assets_of(response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -72,9 +65,9 @@ def test_with_a_bucket_every_tasks_assets_thumbnails_and_metadata_land(
     for index, entry in enumerate(assets_of(response)):
         data, served_type = fetch(entry["url"])
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
-        assert served_type == CONTENT_TYPES[entry["format"]]
+        assert served_type == TYPES[entry["format"]]
         key = f"runs/{job_id}/{index}.{entry['format']}"
-        assert store.head_object(Bucket=bucket, Key=key)["ContentType"] == CONTENT_TYPES[entry["format"]]
+        assert store.head_object(Bucket=bucket, Key=key)["ContentType"] == TYPES[entry["format"]]
         thumbnail, thumbnail_type = fetch(entry["thumbnail_url"])
         assert thumbnail_type == "image/webp" and thumbnail.startswith(b"RIFF")
         assert f"runs/{job_id}/{index}.thumb.webp" in entry["thumbnail_url"]

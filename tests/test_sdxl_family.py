@@ -20,9 +20,10 @@ from test_txt2img import decode_data_uri
 from diffusion_worker.errors import InvalidInput
 from diffusion_worker.manifest import load_manifest, lora_dir
 from diffusion_worker.pipelines import loras as loras_module
+from diffusion_worker.pipelines.common import cover, output_size
 from diffusion_worker.pipelines.depth import depth_to_image
 from diffusion_worker.pipelines.loras import LoraRegistry
-from diffusion_worker.pipelines.sdxl import SdxlFamily, cover, output_size
+from diffusion_worker.pipelines.sdxl import SdxlFamily
 from diffusion_worker.schema import SDXL_SIZE, TASKS, VIDEO_TASKS, LoraRef, parse_input
 
 REPO = Path(__file__).resolve().parents[1]

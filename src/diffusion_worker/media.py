@@ -15,10 +15,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import Internal
-from .storage import Asset
+from .storage import CONTENT_TYPES, Asset
 
 log = logging.getLogger(__name__)
-IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 THUMBNAIL_QUALITY = 80
 # x264's constant quality: 18 is close to visually lossless; the quality, not the bitrate, stays the same.
 VIDEO_CRF = 18
@@ -38,7 +37,7 @@ def encode_image(image: Image.Image, output_format: str, quality: int) -> Asset:
         image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
     else:
         image.save(buffer, format="WEBP", quality=quality, method=4)
-    return Asset(data=buffer.getvalue(), ext=output_format, mime=IMAGE_MIME[output_format])
+    return Asset(data=buffer.getvalue(), ext=output_format, mime=CONTENT_TYPES[output_format])
 
 
 def encode_thumbnail(image: Image.Image, longest_side: int) -> Asset:
@@ -46,7 +45,7 @@ def encode_thumbnail(image: Image.Image, longest_side: int) -> Asset:
     thumbnail.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="WEBP", quality=THUMBNAIL_QUALITY, method=4)
-    return Asset(data=buffer.getvalue(), ext="webp", mime="image/webp")
+    return Asset(data=buffer.getvalue(), ext="webp", mime=CONTENT_TYPES["webp"])
 
 
 def encode_video(frames: np.ndarray, fps: int, scratch_dir: Path) -> Asset:
@@ -85,7 +84,7 @@ def encode_video(frames: np.ndarray, fps: int, scratch_dir: Path) -> Asset:
         errors = completed.stderr[-2000:].decode(errors="replace")
         log.error("ffmpeg failed on %d frames of %dx%d: %s", count, width, height, errors)
         raise Internal("the video encoder failed; the worker log has the details")
-    return Asset(data=Path(path).read_bytes(), ext="mp4", mime="video/mp4")
+    return Asset(data=Path(path).read_bytes(), ext="mp4", mime=CONTENT_TYPES["mp4"])
 
 
 def check_not_blank(image: Image.Image | np.ndarray, what: str) -> None:

@@ -27,9 +27,9 @@ from ..errors import InvalidInput
 from ..manifest import Manifest, ModelRole
 from ..placement import Placement
 from ..schema import WAN_SIZE, Img2Video, Txt2Video
+from .common import cover, describe_role, output_size, seeded_generator
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
-from .sdxl import cover, describe_role, output_size
 
 WanRequest = Txt2Video | Img2Video
 WanPipelines = WanPipeline | WanImageToVideoPipeline
@@ -122,8 +122,7 @@ class WanFamily:
                 num_frames=request.num_frames,
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale,
-                # Initial noise is drawn on the CPU: the same seed then gives the same latents on any GPU or none.
-                generator=torch.Generator("cpu").manual_seed(seed),
+                generator=seeded_generator(seed),
                 output_type="np",
                 **arguments,
             )
