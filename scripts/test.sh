@@ -3,4 +3,5 @@
 source "$(dirname "$0")/setup.sh"
 ruff check .
 ruff format --check .
+hadolint Dockerfile
 python -m pytest "$@"

@@ -412,7 +412,7 @@ class Certificates:
 
 def make_certificates(directory: Path, dns_names: list[str], ips: list[str]) -> Certificates:
     """A CA and a server certificate it signs, as a real deployment has: OpenSSL is stricter with self-signed leaves."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "diffusion-worker test CA")])
 

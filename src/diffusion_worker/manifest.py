@@ -5,14 +5,9 @@ Read by the runtime (to find folders) and by builder/ (to download or build them
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 # A LoRA is trained for one base model: its family names the role it applies to.
