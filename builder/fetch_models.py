@@ -1,12 +1,18 @@
 """Puts the manifest's models into the models folder: pinned downloads for the Docker image, or tiny random-weight
 stand-ins, built offline in the same layout, for tests and local runs.
 
-    python builder/fetch_models.py [--models-dir DIR] [--roles sdxl,sdxl_vae]   # download (Docker build)
-    python builder/fetch_models.py --tiny [--models-dir DIR] [--roles ...]      # build tiny models offline
+    python builder/fetch_models.py [--models-dir DIR] [--roles sdxl,sdxl_vae] [--loras causvid]   # download
+    python builder/fetch_models.py --tiny [--models-dir DIR] [--roles ...]                       # build offline
 
-A role folder counts as present once its completion marker is written, which happens last: an interrupted
-download or build lacks it and is redone. LoRA files are renamed into place whole, so a LoRA file that exists is
-complete. LoRAs are fetched for the families whose role is selected.
+A download takes only the files the worker loads (builder/hub_files.py), checks each against the size and SHA-256
+the hub records, and checks every component folder for its weights. A role folder counts as present once its
+completion marker is written, which happens last: an interrupted download or build lacks it and is redone. A file
+byte-identical to one of a role fetched before it (the WAN repos share their UMT5 encoder, tokenizer and VAE) is a
+relative symlink to that file, so it is stored, and downloaded, once.
+
+LoRA files are renamed into place whole, so a LoRA file that exists is complete. LoRAs are fetched for the families
+whose role is selected: by default those pinned to a commit and free for commercial use; --loras names others.
+The tiny build makes every LoRA.
 """
 
 from __future__ import annotations
@@ -22,31 +28,25 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from hub_files import MODEL_INDEX, RemoteFile, select, sha256_of, verify
+
 from diffusion_worker.manifest import COMPLETE_MARKER, LoraSource, Manifest, ModelRole, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # The manifest beside this script's folder: /app/models/manifest.toml in the image, models/ in a checkout.
 MANIFEST = REPO / "models" / "manifest.toml"
-# Weight files diffusers and transformers load, at the top of a repo or in a component folder. Single-file
-# checkpoints some repos also keep at the top (sd_xl_base_1.0.safetensors, sdxl.vae.safetensors) do not match.
-WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-# Configs, model indexes, tokenizer.json/vocab.json, merges.txt, sentencepiece models.
-SUPPORT_PATTERNS = ("*.json", "*.txt", "*.model")
 
 log = logging.getLogger("fetch_models")
 
 
-def allow_patterns(variant: str | None) -> list[str]:
-    """What to download of a diffusers or transformers repo: its configs, tokenizers and one set of weights."""
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    weights = [f"{folder}{stem}*{suffix}" for stem in WEIGHT_STEMS for folder in ("", "*/")]
-    return [*weights, *SUPPORT_PATTERNS]
+def source_of(role: ModelRole, tiny: bool) -> dict:
+    """Where a folder's files came from: a folder built for another revision, or tiny instead of real, is not
+    present."""
+    return {"repo_id": role.repo_id, "revision": role.revision, "variant": role.variant, "tiny": tiny}
 
 
-def marker_text(role: ModelRole, tiny: bool) -> str:
-    """What the marker records: a folder built for another revision, or tiny instead of real, is not present."""
-    source = {"repo_id": role.repo_id, "revision": role.revision, "variant": role.variant, "tiny": tiny}
-    return json.dumps(source, sort_keys=True) + "\n"
+def marker_text(role: ModelRole, tiny: bool, files: dict[str, dict]) -> str:
+    return json.dumps({"source": source_of(role, tiny), "files": files}, indent=1, sort_keys=True) + "\n"
 
 
 def select_roles(manifest: Manifest, names: Iterable[str] | None) -> list[ModelRole]:
@@ -59,19 +59,52 @@ def select_roles(manifest: Manifest, names: Iterable[str] | None) -> list[ModelR
     return [manifest.roles[name] for name in names]
 
 
-def download_role(role: ModelRole, folder: Path) -> None:
-    from huggingface_hub import snapshot_download
+def hub_listing(role: ModelRole) -> list[RemoteFile]:
+    """Every file of the role's repo at its pinned revision, with the sizes and digests the hub records."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
 
-    # Into the folder itself, not the hub cache: the worker reads it with local_files_only, and a rerun after an
-    # interruption resumes the files already there.
-    snapshot_download(
-        role.repo_id,
-        revision=role.revision,
-        local_dir=folder,
-        allow_patterns=allow_patterns(role.variant),
-    )
+    entries = HfApi().list_repo_tree(role.repo_id, revision=role.revision, recursive=True)
+    return [
+        RemoteFile(entry.path, entry.size, entry.lfs.sha256 if entry.lfs else None, entry.blob_id)
+        for entry in entries
+        if isinstance(entry, RepoFile)
+    ]
+
+
+def download_role(role: ModelRole, folder: Path, stored: dict[str, Path]) -> dict[str, dict]:
+    """Downloads the files the worker loads of `role` into `folder`, linking those already `stored` (by SHA-256)
+    instead; returns the verified files' sizes and digests."""
+    from huggingface_hub import hf_hub_download
+
+    def download(path: str) -> Path:
+        # Into the folder itself, not the hub cache: the worker reads it with local_files_only, and a rerun after an
+        # interruption resumes the files already there.
+        return Path(hf_hub_download(role.repo_id, path, revision=role.revision, local_dir=folder))
+
+    listing = hub_listing(role)
+    model_index = None
+    if any(file.path == MODEL_INDEX for file in listing):
+        model_index = json.loads(download(MODEL_INDEX).read_text(encoding="utf-8"))
+    selected = select(listing, model_index, role.variant, role.skip_components)
+    for file in selected:
+        twin = stored.get(file.sha256) if file.sha256 else None
+        if twin is not None:
+            _link(folder / file.path, twin)
+        elif file.path != MODEL_INDEX:
+            download(file.path)
     # huggingface_hub's bookkeeping for resuming; once the marker is written nothing reads it.
     shutil.rmtree(folder / ".cache", ignore_errors=True)
+    return verify(folder, selected)
+
+
+def select_loras(manifest: Manifest, names: Iterable[str]) -> set[str]:
+    """The LoRAs named to be fetched beyond the default ones; raises ValueError for a name the manifest lacks."""
+    names = set(names)
+    unknown = names - set(manifest.loras)
+    if unknown:
+        raise ValueError(f"unknown LoRAs {', '.join(sorted(unknown))}; the manifest has {', '.join(manifest.loras)}")
+    return names
 
 
 def download_lora(lora: LoraSource, scratch: Path) -> Path:
@@ -80,11 +113,23 @@ def download_lora(lora: LoraSource, scratch: Path) -> Path:
     return Path(hf_hub_download(lora.repo_id, lora.filename, revision=lora.revision, local_dir=scratch))
 
 
-def build_tiny_role(role: ModelRole, folder: Path) -> None:
+def build_tiny_role(role: ModelRole, folder: Path, stored: dict[str, Path]) -> dict[str, dict]:
+    """Builds the tiny stand-in of `role`, with the real download's layout: the same skipped components, and files
+    identical to ones already `stored` linked to them."""
     # torch and diffusers are imported for the tiny build only: a download needs nothing but huggingface_hub.
     import tiny
 
     tiny.build_role(role, folder)
+    for component in role.skip_components:
+        shutil.rmtree(folder / component)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest = sha256_of(path)
+            if digest in stored:
+                _link(path, stored[digest])
+            files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": digest}
+    return files
 
 
 def build_tiny_lora(lora: LoraSource, scratch: Path) -> Path:
@@ -95,23 +140,35 @@ def build_tiny_lora(lora: LoraSource, scratch: Path) -> Path:
     return path
 
 
-def provide(models_dir: Path, manifest: Manifest, selected: list[ModelRole], tiny: bool) -> None:
-    """Downloads (or, with `tiny`, builds) every selected role that is not present, then their families' LoRAs."""
+def provide(
+    models_dir: Path, manifest: Manifest, selected: list[ModelRole], tiny: bool, extra_loras: Iterable[str] = ()
+) -> None:
+    """Downloads (or, with `tiny`, builds) every selected role that is not present, then their families' LoRAs:
+    every one when tiny, else those baked by default and `extra_loras`."""
+    extra = select_loras(manifest, extra_loras)
     get_role, get_lora = (build_tiny_role, build_tiny_lora) if tiny else (download_role, download_lora)
+    # Files already in the models folder by SHA-256, from the markers of the roles before: what a later role
+    # links to rather than stores again.
+    stored: dict[str, Path] = {}
     for role in selected:
         folder = role.path(models_dir)
-        if _is_present(role, folder, tiny):
+        if _is_present(role, models_dir, tiny):
             log.info("%s: present in %s, skipped", role.name, folder)
-            continue
-        log.info("%s: %s %s@%s", role.name, "building tiny" if tiny else "downloading", role.repo_id, role.revision)
-        started = time.perf_counter()
-        get_role(role, folder)
-        _write_atomically(folder / COMPLETE_MARKER, marker_text(role, tiny))
-        log.info("%s: %s in %.1f s", role.name, "built" if tiny else "downloaded", time.perf_counter() - started)
+        else:
+            log.info("%s: %s %s@%s", role.name, "building tiny" if tiny else "downloading", role.repo_id, role.revision)
+            started = time.perf_counter()
+            files = get_role(role, folder, stored)
+            _write_atomically(folder / COMPLETE_MARKER, marker_text(role, tiny, files))
+            log.info("%s: %s in %.1f s", role.name, "built" if tiny else "downloaded", time.perf_counter() - started)
+        for name, facts in json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"].items():
+            stored.setdefault(facts["sha256"], folder / name)
 
     families = {role.name for role in selected}
     for lora in manifest.loras.values():
         if lora.family not in families:
+            continue
+        if not (tiny or lora.baked_by_default or lora.name in extra):
+            log.info("LoRA %s: not baked (unpinned or non-commercial); --loras %s bakes it", lora.name, lora.name)
             continue
         path = lora.path(models_dir)
         if path.is_file():
@@ -131,19 +188,30 @@ def build_tiny(models_dir: Path, roles: Iterable[str] | None = None, manifest_pa
     provide(models_dir, manifest, select_roles(manifest, roles), tiny=True)
 
 
-def fetch(models_dir: Path, roles: Iterable[str] | None = None, manifest_path: Path = MANIFEST) -> None:
-    """Downloads the pinned revisions of `roles` (default: all) and their families' LoRAs; what is present is kept."""
+def fetch(
+    models_dir: Path,
+    roles: Iterable[str] | None = None,
+    manifest_path: Path = MANIFEST,
+    extra_loras: Iterable[str] = (),
+) -> None:
+    """Downloads the pinned revisions of `roles` (default: all) and their families' LoRAs (those baked by default and
+    `extra_loras`); what is present is kept."""
     manifest = load_manifest(manifest_path)
-    provide(models_dir, manifest, select_roles(manifest, roles), tiny=False)
+    provide(models_dir, manifest, select_roles(manifest, roles), tiny=False, extra_loras=extra_loras)
 
 
-def _is_present(role: ModelRole, folder: Path, tiny: bool) -> bool:
-    """Whether `folder` already holds this role; if not, clears what should not be built upon."""
+def _is_present(role: ModelRole, models_dir: Path, tiny: bool) -> bool:
+    """Whether the models folder already holds this role; if not, clears what should not be built upon."""
+    folder = role.path(models_dir)
     marker = folder / COMPLETE_MARKER
     if marker.is_file():
-        if marker.read_text(encoding="utf-8") == marker_text(role, tiny):
+        try:
+            source = json.loads(marker.read_text(encoding="utf-8")).get("source")
+        except ValueError:
+            source = None
+        if source == source_of(role, tiny) and role.is_complete(models_dir):
             return True
-        if tiny and not json.loads(marker.read_text(encoding="utf-8"))["tiny"]:
+        if tiny and isinstance(source, dict) and source.get("tiny") is False:
             raise RuntimeError(f"{folder} holds downloaded weights; refusing to replace them with tiny ones")
         # Complete, but for another revision or the other kind of weights: start afresh.
         shutil.rmtree(folder)
@@ -151,6 +219,13 @@ def _is_present(role: ModelRole, folder: Path, tiny: bool) -> bool:
         # An interrupted tiny build is redone from nothing (an interrupted download is resumed instead).
         shutil.rmtree(folder)
     return False
+
+
+def _link(path: Path, target: Path) -> None:
+    """Makes `path` a relative symlink to `target`: it resolves wherever the models folder is mounted or copied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    path.symlink_to(os.path.relpath(target, path.parent))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -170,16 +245,21 @@ def main(argv: list[str] | None = None) -> int:
         help="target folder (default: $MODELS_DIR, else models/ in the repository)",
     )
     parser.add_argument("--roles", help="comma-separated manifest roles (default: all)")
+    parser.add_argument(
+        "--loras", default="", help="comma-separated LoRAs to fetch beyond those baked by default (pinned, commercial)"
+    )
     parser.add_argument("--manifest", type=Path, default=MANIFEST, help=f"model manifest (default: {MANIFEST})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [name.strip() for name in args.roles.split(",") if name.strip()] if args.roles else None
+    loras = [name.strip() for name in args.loras.split(",") if name.strip()]
     manifest = load_manifest(args.manifest)
     try:
         roles = select_roles(manifest, names)
+        select_loras(manifest, loras)
     except ValueError as error:
         parser.error(str(error))
-    provide(args.models_dir, manifest, roles, tiny=args.tiny)
+    provide(args.models_dir, manifest, roles, tiny=args.tiny, extra_loras=loras)
     return 0
 
 

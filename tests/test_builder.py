@@ -3,7 +3,6 @@ download path fetches exactly what the tiny build imitates."""
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import subprocess
@@ -20,6 +19,7 @@ from diffusion_worker.manifest import COMPLETE_MARKER, load_manifest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "builder"))
 import fetch_models  # noqa: E402
+import hub_files  # noqa: E402
 
 MANIFEST = load_manifest(fetch_models.MANIFEST)
 
@@ -52,12 +52,28 @@ def test_every_role_and_lora_of_the_manifest_is_built(tiny_models_dir: Path) -> 
         assert lora.path(tiny_models_dir).is_file(), lora.name
 
 
-def test_tiny_folders_hold_only_files_the_real_download_would_fetch(tiny_models_dir: Path) -> None:
+def test_tiny_folders_hold_exactly_the_files_the_real_download_would_fetch(tiny_models_dir: Path) -> None:
     for role in MANIFEST.roles.values():
-        patterns = fetch_models.allow_patterns(role.variant)
-        for name in digests(role.path(tiny_models_dir)):
-            if name != COMPLETE_MARKER:
-                assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), f"{role.name}: {name}"
+        folder = role.path(tiny_models_dir)
+        names = sorted(name for name in digests(folder) if name != COMPLETE_MARKER)
+        index = folder / hub_files.MODEL_INDEX
+        model_index = json.loads(index.read_text()) if index.is_file() else None
+        listing = [hub_files.RemoteFile(name) for name in names]
+        selected = hub_files.select(listing, model_index, role.variant, role.skip_components)
+        assert [file.path for file in selected] == names, role.name
+
+
+def test_wan_roles_store_their_identical_components_once(tiny_models_dir: Path) -> None:
+    t2v, i2v = (MANIFEST.role(name).path(tiny_models_dir) for name in ("wan_t2v", "wan_i2v"))
+    linked = {path.relative_to(i2v).as_posix() for path in i2v.rglob("*") if path.is_symlink()}
+    assert {"text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= linked
+    assert not any(path.is_symlink() for path in t2v.rglob("*"))
+    for name in linked:
+        # Relative links, so they resolve wherever the models folder is mounted; the marker records the digests.
+        assert not (i2v / name).readlink().is_absolute()
+        assert (i2v / name).resolve() == (t2v / name).resolve()
+    recorded = [json.loads((folder / COMPLETE_MARKER).read_text())["files"] for folder in (t2v, i2v)]
+    assert recorded[1]["text_encoder/model.safetensors"] == recorded[0]["text_encoder/model.safetensors"]
 
 
 def test_second_run_skips_present_roles_and_loras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +121,7 @@ def test_incomplete_or_outdated_role_is_rebuilt_from_scratch(tmp_path: Path, mar
 def test_tiny_build_never_replaces_downloaded_weights(tmp_path: Path) -> None:
     role = MANIFEST.role("sdxl_vae")
     role.path(tmp_path).mkdir(parents=True)
-    (role.path(tmp_path) / COMPLETE_MARKER).write_text(fetch_models.marker_text(role, tiny=False))
+    (role.path(tmp_path) / COMPLETE_MARKER).write_text(fetch_models.marker_text(role, tiny=False, files={}))
     with pytest.raises(RuntimeError, match="downloaded weights"):
         fetch_models.build_tiny(tmp_path, ["sdxl_vae"])
 
@@ -114,59 +130,6 @@ def test_unknown_role_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         fetch_models.main(["--tiny", "--models-dir", str(tmp_path), "--roles", "sdxl,flux"])
     assert exit_info.value.code == 2
-
-
-# --- downloading (the hub is faked: this machine cannot reach it) ------------------------------------------------
-
-
-def test_download_pins_revisions_and_places_files_like_the_tiny_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub
-
-    role = MANIFEST.role("wan_t2v")
-    (lora,) = (lora for lora in MANIFEST.loras.values() if lora.family == "wan_t2v")
-    snapshots: list[dict] = []
-
-    def snapshot_download(repo_id: str, *, revision: str, local_dir: Path, allow_patterns: list[str]) -> str:
-        snapshots.append({"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns})
-        # huggingface_hub keeps its resume bookkeeping in the target folder.
-        Path(local_dir, ".cache", "huggingface").mkdir(parents=True)
-        Path(local_dir, "model_index.json").write_text("{}")
-        return str(local_dir)
-
-    def hf_hub_download(repo_id: str, filename: str, *, revision: str, local_dir: Path) -> str:
-        assert (repo_id, revision) == (lora.repo_id, lora.revision)
-        Path(local_dir, filename).write_bytes(b"lora")
-        return str(Path(local_dir, filename))
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    fetch_models.fetch(tmp_path, ["wan_t2v"])
-
-    assert snapshots == [
-        {"repo_id": role.repo_id, "revision": role.revision, "allow_patterns": fetch_models.allow_patterns(None)}
-    ]
-    assert sorted(digests(role.path(tmp_path))) == [COMPLETE_MARKER, "model_index.json"]
-    assert json.loads((role.path(tmp_path) / COMPLETE_MARKER).read_text())["tiny"] is False
-    assert lora.path(tmp_path).read_bytes() == b"lora"
-    assert [path.name for path in lora.path(tmp_path).parent.iterdir()] == [lora.path(tmp_path).name]
-
-
-def test_download_patterns_take_one_weight_variant_and_skip_single_file_checkpoints() -> None:
-    def fetched(name: str, variant: str | None) -> bool:
-        return any(fnmatch.fnmatch(name, pattern) for pattern in fetch_models.allow_patterns(variant))
-
-    assert fetched("unet/diffusion_pytorch_model.fp16.safetensors", "fp16")
-    assert fetched("text_encoder_2/model.fp16.safetensors", "fp16")
-    assert fetched("tokenizer/merges.txt", "fp16")
-    assert not fetched("unet/diffusion_pytorch_model.safetensors", "fp16")
-    assert not fetched("sd_xl_base_1.0.safetensors", "fp16")
-    assert fetched("diffusion_pytorch_model.safetensors", None)
-    assert fetched("transformer/diffusion_pytorch_model-00001-of-00002.safetensors", None)
-    assert fetched("tokenizer/spiece.model", None)
-    assert not fetched("sdxl.vae.safetensors", None)
-    assert not fetched("unet/diffusion_pytorch_model.bin", None)
 
 
 # --- consumers --------------------------------------------------------------------------------------------------

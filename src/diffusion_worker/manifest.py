@@ -5,6 +5,8 @@ Read by the runtime (to find folders) and by builder/ (to download or build them
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,11 @@ from pathlib import Path
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 # A LoRA is trained for one base model: its family names the role it applies to.
 LORA_FAMILIES = ("sdxl", "wan_t2v", "wan_i2v")
-# Written last into a role folder by builder/fetch_models.py: a folder without it is an interrupted fetch.
+# Written last into a role folder by builder/fetch_models.py: a folder without it is an interrupted fetch. It records
+# where the files came from and each file's size and SHA-256.
 COMPLETE_MARKER = ".complete"
+# A revision that names one commit; anything else (a branch such as `main`) can change under the same name.
+PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -24,13 +29,22 @@ class ModelRole:
     dtype: str
     folder: str
     variant: str | None = None
+    # Component folders of the repo that the worker replaces with another role's, and so never fetches.
+    skip_components: tuple[str, ...] = ()
 
     def path(self, models_dir: Path) -> Path:
         return models_dir / self.folder
 
     def is_complete(self, models_dir: Path) -> bool:
-        """Whether the builder finished this role's folder (downloaded or tiny)."""
-        return (self.path(models_dir) / COMPLETE_MARKER).is_file()
+        """Whether the builder finished this role's folder (downloaded or tiny) and every file it recorded is still
+        there at its size: a network volume that lost a file, or a link whose target is gone, is not complete.
+        Reads only, so a read-only models folder is checked the same way."""
+        folder = self.path(models_dir)
+        try:
+            recorded = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+            return all((folder / name).stat().st_size == facts["size"] for name, facts in recorded.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
 
 @dataclass(frozen=True)
@@ -40,9 +54,16 @@ class LoraSource:
     repo_id: str
     revision: str
     filename: str
+    # Set for adapters whose licence forbids commercial use (e.g. CC BY-NC 4.0).
+    non_commercial: bool = False
 
     def path(self, models_dir: Path) -> Path:
         return lora_dir(models_dir, self.family) / f"{self.name}.safetensors"
+
+    @property
+    def baked_by_default(self) -> bool:
+        """Whether an image bakes it unless told otherwise: pinned to a commit and free for commercial use."""
+        return bool(PINNED_REVISION.fullmatch(self.revision)) and not self.non_commercial
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,10 @@ def lora_dir(models_dir: Path, family: str) -> Path:
 def load_manifest(path: Path = DEFAULT_MANIFEST) -> Manifest:
     with path.open("rb") as handle:
         raw = tomllib.load(handle)
-    roles = {name: ModelRole(name=name, **fields) for name, fields in raw.get("roles", {}).items()}
+    roles = {
+        name: ModelRole(name=name, **{**fields, "skip_components": tuple(fields.get("skip_components", ()))})
+        for name, fields in raw.get("roles", {}).items()
+    }
     loras = {name: LoraSource(name=name, **fields) for name, fields in raw.get("loras", {}).items()}
     for lora in loras.values():
         if lora.family not in LORA_FAMILIES:
