@@ -31,10 +31,14 @@ from pathlib import Path
 from hub_files import MODEL_INDEX, RemoteFile, select, sha256_of, verify
 
 from diffusion_worker.manifest import COMPLETE_MARKER, LoraSource, Manifest, ModelRole, load_manifest
+from diffusion_worker.sizes import component_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 # The manifest beside this script's folder: /app/models/manifest.toml in the image, models/ in a checkout.
 MANIFEST = REPO / "models" / "manifest.toml"
+# The manifest's component sizes come from parameter counts given to three digits: a file off by more is another
+# model or another precision than the manifest says.
+SIZE_TOLERANCE = 0.03
 
 log = logging.getLogger("fetch_models")
 
@@ -158,10 +162,13 @@ def provide(
             log.info("%s: %s %s@%s", role.name, "building tiny" if tiny else "downloading", role.repo_id, role.revision)
             started = time.perf_counter()
             files = get_role(role, folder, stored)
+            if not tiny:
+                check_sizes(role, models_dir)
             _write_atomically(folder / COMPLETE_MARKER, marker_text(role, tiny, files))
             log.info("%s: %s in %.1f s", role.name, "built" if tiny else "downloaded", time.perf_counter() - started)
         for name, facts in json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"].items():
             stored.setdefault(facts["sha256"], folder / name)
+    check_shared(manifest, models_dir, selected)
 
     families = {role.name for role in selected}
     for lora in manifest.loras.values():
@@ -180,6 +187,35 @@ def provide(
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{lora.name}-") as scratch:
             os.replace(get_lora(lora, Path(scratch)), path)
         log.info("LoRA %s: written to %s", lora.name, path)
+
+
+def check_sizes(role: ModelRole, models_dir: Path) -> None:
+    """Refuses files whose size at the manifest's dtype is not what the manifest records for the component, which
+    the memory plan relies on where it plans without the weights."""
+    for component in role.components:
+        if component.same_as:
+            continue
+        found = component_bytes(role.component_path(models_dir, component), role.variant, component.dtype)
+        if abs(found - component.nbytes) > SIZE_TOLERANCE * component.nbytes:
+            raise RuntimeError(
+                f"{role.name}/{component.name}: the manifest records {component.nbytes} bytes at {component.dtype}, "
+                f"the downloaded files hold {found}; correct models/manifest.toml"
+            )
+
+
+def check_shared(manifest: Manifest, models_dir: Path, selected: list[ModelRole]) -> None:
+    """Refuses a component the manifest calls the same as another role's when both are present and differ: the
+    worker would load it once where it needs two."""
+    for role in selected:
+        for component in role.components:
+            other = manifest.roles[component.same_as] if component.same_as else None
+            if other is None or not other.is_complete(models_dir):
+                continue
+            mine = role.recorded_digests(models_dir).get(component.name)
+            if mine is None or mine != other.recorded_digests(models_dir).get(component.name):
+                raise RuntimeError(
+                    f"{role.name}/{component.name} is not byte-identical to {other.name}'s, as the manifest says"
+                )
 
 
 def build_tiny(models_dir: Path, roles: Iterable[str] | None = None, manifest_path: Path = MANIFEST) -> None:

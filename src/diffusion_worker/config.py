@@ -62,6 +62,8 @@ class Settings:
     max_input_pixels: int = 4096 * 4096
     input_fetch_timeout_s: float = 15.0
     lora_cache_size: int = 8
+    # The GPU memory the plan may use, in GiB; None: the device's own size.
+    gpu_memory_gib: float | None = None
     log_level: str = "INFO"
 
     @classmethod
@@ -83,6 +85,7 @@ class Settings:
             max_input_pixels=reader.integer("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64),
             input_fetch_timeout_s=reader.number("INPUT_FETCH_TIMEOUT_S", 15.0, minimum=0.1),
             lora_cache_size=reader.integer("LORA_CACHE_SIZE", 8, minimum=0),
+            gpu_memory_gib=reader.number("GPU_MEMORY_GIB", 0.0, minimum=0.0) or None,
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),
         )
         return settings

@@ -5,6 +5,7 @@ Read by the runtime (to find folders) and by builder/ (to download or build them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
@@ -22,6 +23,19 @@ PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
+class Component:
+    """A model of a role that the worker loads: a subfolder of the role's folder, or the folder itself for a role
+    that is one model. `nbytes` is its size at `dtype` (the precision on CUDA), from the real model; a component
+    byte-identical to another role's names that role in `same_as` and is loaded once."""
+
+    role: str
+    name: str
+    dtype: str
+    nbytes: int = 0
+    same_as: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelRole:
     name: str
     repo_id: str
@@ -31,9 +45,37 @@ class ModelRole:
     variant: str | None = None
     # Component folders of the repo that the worker replaces with another role's, and so never fetches.
     skip_components: tuple[str, ...] = ()
+    components: tuple[Component, ...] = ()
 
     def path(self, models_dir: Path) -> Path:
         return models_dir / self.folder
+
+    def component(self, name: str) -> Component:
+        return next(component for component in self.components if component.name == name)
+
+    def component_path(self, models_dir: Path, component: Component) -> Path:
+        """A role of one component keeps it at the top of its folder; a role of several, each in its subfolder."""
+        folder = self.path(models_dir)
+        return folder if len(self.components) == 1 else folder / component.name
+
+    def recorded_digests(self, models_dir: Path) -> dict[str, str]:
+        """A digest per subfolder (and, for a role of one component, of the folder's own files under the
+        component's name), from the files' SHA-256 the builder recorded: equal digests, identical files."""
+        try:
+            recorded = json.loads((self.path(models_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        groups: dict[str, list[str]] = {}
+        for name, facts in sorted(recorded.items()):
+            group, in_subfolder, inner = name.partition("/")
+            if in_subfolder:
+                key, relative = group, inner
+            elif len(self.components) == 1:
+                key, relative = self.components[0].name, name
+            else:
+                continue
+            groups.setdefault(key, []).append(f"{relative} {facts['sha256']}")
+        return {key: hashlib.sha256("\n".join(lines).encode()).hexdigest() for key, lines in groups.items()}
 
     def is_complete(self, models_dir: Path) -> bool:
         """Whether the builder finished this role's folder (downloaded or tiny) and every file it recorded is still
@@ -79,14 +121,31 @@ def lora_dir(models_dir: Path, family: str) -> Path:
     return models_dir / "loras" / family
 
 
+def _role(name: str, fields: dict) -> ModelRole:
+    components = tuple(
+        Component(
+            role=name,
+            name=component,
+            dtype=spec.get("dtype", fields["dtype"]),
+            nbytes=spec.get("bytes", 0),
+            same_as=spec.get("same_as"),
+        )
+        for component, spec in fields.pop("components", {}).items()
+    )
+    skipped = tuple(fields.pop("skip_components", ()))
+    return ModelRole(name=name, skip_components=skipped, components=components, **fields)
+
+
 def load_manifest(path: Path = DEFAULT_MANIFEST) -> Manifest:
     with path.open("rb") as handle:
         raw = tomllib.load(handle)
-    roles = {
-        name: ModelRole(name=name, **{**fields, "skip_components": tuple(fields.get("skip_components", ()))})
-        for name, fields in raw.get("roles", {}).items()
-    }
+    roles = {name: _role(name, fields) for name, fields in raw.get("roles", {}).items()}
     loras = {name: LoraSource(name=name, **fields) for name, fields in raw.get("loras", {}).items()}
+    for role in roles.values():
+        for component in role.components:
+            other = roles.get(component.same_as) if component.same_as else role
+            if other is None or component.name not in {each.name for each in other.components}:
+                raise ValueError(f"role {role.name!r}: component {component.name!r} is the same as no other role's")
     for lora in loras.values():
         if lora.family not in LORA_FAMILIES:
             raise ValueError(f"LoRA {lora.name!r}: family must be one of {LORA_FAMILIES}")

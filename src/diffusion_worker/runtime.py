@@ -94,6 +94,12 @@ class Worker:
             )
         if not wanted - {"info"}:
             raise ConfigError(f"no models found in {settings.models_dir}; run builder/fetch_models.py")
+        placement = placement.planned(manifest, settings.models_dir, wanted - {"info"})
+        for task, how in placement.plan.tasks.items():
+            log.log(logging.INFO if task in placement.plan.served else logging.WARNING, "%s: %s", task, how)
+        if not placement.plan.served:
+            raise ConfigError("no task's largest job fits this GPU, even with offloading; see the log")
+        wanted = placement.plan.served | (wanted & {"info"})
         families: dict[str, Any] = {}
         for family, tasks in available.items():
             if tasks & wanted:
@@ -207,6 +213,7 @@ class Worker:
             "schedulers": list(SCHEDULER_NAMES),
             "device": str(self.placement.device),
             "memory": memory_figures(),
+            "memory_plan": self.placement.plan.as_dict(),
             "versions": {
                 "worker": __version__,
                 "python": platform.python_version(),

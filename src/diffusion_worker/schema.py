@@ -40,6 +40,11 @@ SCHEDULER_NAMES = (
 )
 SDXL_SIZE = (64, 2048, 8)
 WAN_SIZE = (64, 1280, 16)
+# The largest video job a worker takes, in the transformer's tokens: as many as 1280×720 at 81 frames makes, the
+# largest clip WAN 2.1 is made for. Attention grows with the square of the tokens: 1280×1280 at 161 frames, which the
+# size and frame bounds alone allow, is 3.5× the tokens and 12× the attention, and would more likely run out of
+# memory than finish.
+LARGEST_VIDEO_JOB = (1280, 720, 81)
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 

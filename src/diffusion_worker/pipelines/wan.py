@@ -26,7 +26,7 @@ from ..config import Settings
 from ..errors import InvalidInput
 from ..manifest import Manifest, ModelRole
 from ..placement import Placement
-from ..schema import WAN_SIZE, Img2Video, Txt2Video
+from ..schema import LARGEST_VIDEO_JOB, WAN_SIZE, Img2Video, Txt2Video
 from .common import cover, describe_role, output_size, seeded_generator
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
@@ -43,10 +43,7 @@ DEFAULT_GUIDANCE = 5.0
 # Flow shift by size: diffusers' WAN docs give 3.0 for 480p and 5.0 for 720p.
 FLOW_SHIFT_480P = 3.0
 FLOW_SHIFT_720P = 5.0
-# The largest job a worker takes, in the transformer's tokens: as many as 1280×720 at 81 frames makes, the largest
-# clip WAN 2.1 is made for. Attention grows with the square of the tokens: 1280×1280 at 161 frames, which the schema
-# alone allows, is 3.5× the tokens and 12× the attention, and would more likely run out of memory than finish.
-MAX_TOKENS_AT = (1280, 720, 81)
+MAX_TOKENS_AT = LARGEST_VIDEO_JOB
 
 
 class WanFamily:
