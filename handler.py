@@ -9,11 +9,18 @@ from typing import Any
 import runpod
 
 from diffusion_worker.config import Settings
+from diffusion_worker.fitness import check_fitness
 from diffusion_worker.runtime import Worker
 
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 worker = Worker.load(settings)
+
+
+@runpod.serverless.register_fitness_check
+def gpu_and_models_ready() -> None:
+    """Run by the SDK on RunPod before the first job: an unusable GPU or a model that did not load ends the worker."""
+    check_fitness(worker)
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
