@@ -35,6 +35,7 @@ from diffusers import (
 )
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 from tiny_tokenizers import clip_token_ids, t5_tokenizer, write_clip_tokenizer
 from transformers import (
     CLIPImageProcessor,
@@ -346,6 +347,38 @@ def build_role(role: ModelRole, folder: Path) -> None:
 
 # --- LoRAs ------------------------------------------------------------------------------------------------------
 
+# The three layouts LoRAs are published in: diffusers' own (what `save_lora_weights` writes), kohya's (sd-scripts;
+# most SDXL LoRAs, both of the manifest's) and ComfyUI's, as Kijai publishes WAN LoRAs (the manifest's causvid).
+# diffusers converts the last two as it loads them; tests write each kind with `write_lora`.
+LORA_STYLES = ("diffusers", "kohya", "kijai")
+# The layout each manifest LoRA's real file has, so that the tiny stand-in takes the same path through the loader.
+MANIFEST_LORA_STYLES = {"sdxl-offset": "kohya", "pixel-art-xl": "kohya", "causvid": "kijai"}
+# kohya and Kijai files carry an alpha per layer, applied as alpha / rank: not 1 here, so the loaders' rescaling runs
+# (diffusers' WAN converter rescales cross-attention and FFN tensors in place).
+LORA_ALPHA = 2.0
+# kohya trains SDXL on Stability's own UNet, whose blocks are numbered, not nested: a diffusers module path
+# (down_blocks.1.attentions.0) names an SGM one (input_blocks.4.1). Transformer blocks keep their names.
+SGM_ATTENTION = "1"
+KOHYA_UNET_TARGETS = [*SDXL_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+KOHYA_CLIP_TARGETS = [*CLIP_LORA_TARGETS, "fc1", "fc2"]
+KIJAI_WAN_TARGETS = [*WAN_LORA_TARGETS, "ffn.net.0.proj", "ffn.net.2"]
+KIJAI_I2V_TARGETS = [*KIJAI_WAN_TARGETS, "add_k_proj", "add_v_proj"]
+# diffusers' module names in WAN's transformer blocks → the original repo's, which ComfyUI's files use.
+KIJAI_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
 
 def _lora_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
     """Adds a random (not zero-initialised) adapter to `model` and returns its weights in diffusers' naming.
@@ -358,32 +391,108 @@ def _lora_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def _write_sdxl_lora(path: Path) -> None:
+def _adapter_pairs(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A random adapter as {diffusers module path: (down, up)}, for files in the other layouts."""
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=targets)
+    model.add_adapter(config)
+    weights = get_peft_model_state_dict(model)
+    return {
+        key.removesuffix(".lora_A.weight"): (down, weights[key.replace(".lora_A.", ".lora_B.")])
+        for key, down in weights.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def _sgm_path(path: str, layers_per_block: int) -> str:
+    """down_blocks.1.attentions.0.X → input_blocks.4.1.X; mid_block.attentions.0.X → middle_block.1.X;
+    up_blocks.0.attentions.2.X → output_blocks.2.1.X."""
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        return ".".join(["middle_block", SGM_ATTENTION, *parts[3:]])
+    block, layer = int(parts[1]), int(parts[3])
+    # input_blocks.0 is conv_in; each down block holds its layers and then a downsampler, each up block one more layer.
+    if parts[0] == "down_blocks":
+        sgm = ("input_blocks", 1 + block * (layers_per_block + 1) + layer)
+    else:
+        sgm = ("output_blocks", block * (layers_per_block + 1) + layer)
+    return ".".join([sgm[0], str(sgm[1]), SGM_ATTENTION, *parts[4:]])
+
+
+def _kohya_entries(prefix: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """sd-scripts' layout: lora_<part>_<module path with _ for .>.lora_down/lora_up.weight and .alpha."""
+    entries = {}
+    for path, (down, up) in pairs.items():
+        name = f"{prefix}_{path.replace('.', '_')}"
+        entries |= {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(LORA_ALPHA),
+        }
+    return entries
+
+
+def _write_sdxl_lora(path: Path, style: str) -> None:
     text_encoder = CLIPTextModel(clip_text_config("<|endoftext|>"))
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config("!"))
-    StableDiffusionXLPipeline.save_lora_weights(
-        path.parent,
-        unet_lora_layers=_lora_layers(sdxl_unet(), SDXL_LORA_TARGETS),
-        text_encoder_lora_layers=_lora_layers(text_encoder, CLIP_LORA_TARGETS),
-        text_encoder_2_lora_layers=_lora_layers(text_encoder_2, CLIP_LORA_TARGETS),
-        weight_name=path.name,
-    )
+    if style == "diffusers":
+        StableDiffusionXLPipeline.save_lora_weights(
+            path.parent,
+            unet_lora_layers=_lora_layers(sdxl_unet(), SDXL_LORA_TARGETS),
+            text_encoder_lora_layers=_lora_layers(text_encoder, CLIP_LORA_TARGETS),
+            text_encoder_2_lora_layers=_lora_layers(text_encoder_2, CLIP_LORA_TARGETS),
+            weight_name=path.name,
+        )
+        return
+    assert style == "kohya", f"no {style} layout for SDXL LoRAs"
+    unet = sdxl_unet()
+    pairs = _adapter_pairs(unet, KOHYA_UNET_TARGETS)
+    per_block = unet.config.layers_per_block
+    entries = _kohya_entries("lora_unet", {_sgm_path(name, per_block): pair for name, pair in pairs.items()})
+    for prefix, encoder in (("lora_te1", text_encoder), ("lora_te2", text_encoder_2)):
+        # Named as under transformers 4, where both encoders keep their layers in `text_model`; transformers 5's
+        # CLIPTextModel holds them at its top.
+        pairs = _adapter_pairs(encoder, KOHYA_CLIP_TARGETS)
+        entries |= _kohya_entries(
+            prefix, {f"text_model.{name.removeprefix('text_model.')}": p for name, p in pairs.items()}
+        )
+    save_file({name: tensor.contiguous() for name, tensor in entries.items()}, path)
 
 
-def _write_wan_lora(path: Path, image_to_video: bool) -> None:
-    layers = _lora_layers(wan_transformer(image_to_video), WAN_LORA_TARGETS)
-    WanPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name)
+def _write_wan_lora(path: Path, style: str, image_to_video: bool) -> None:
+    transformer = wan_transformer(image_to_video)
+    if style == "diffusers":
+        layers = _lora_layers(transformer, WAN_LORA_TARGETS)
+        WanPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name)
+        return
+    assert style == "kijai", f"no {style} layout for WAN LoRAs"
+    modules = dict(transformer.named_modules())
+    entries = {}
+    pairs = _adapter_pairs(transformer, KIJAI_I2V_TARGETS if image_to_video else KIJAI_WAN_TARGETS)
+    for module_path, (down, up) in pairs.items():
+        _, block, inner = module_path.split(".", 2)
+        name = f"diffusion_model.blocks.{block}.{KIJAI_NAMES[inner]}"
+        # diff_b: a change to the layer's bias, which diffusers loads as the adapter's bias.
+        bias = torch.randn_like(modules[module_path].bias) * 0.1
+        entries |= {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(LORA_ALPHA),
+            f"{name}.diff_b": bias,
+        }
+    save_file({name: tensor.contiguous() for name, tensor in entries.items()}, path)
 
 
-LORA_WRITERS: dict[str, Callable[[Path], None]] = {
+LORA_WRITERS: dict[str, Callable[[Path, str], None]] = {
     "sdxl": _write_sdxl_lora,
     "wan_t2v": functools.partial(_write_wan_lora, image_to_video=False),
     "wan_i2v": functools.partial(_write_wan_lora, image_to_video=True),
 }
 
 
-def write_lora(family: str, name: str, path: Path) -> None:
-    """Writes a tiny LoRA for the `family` role's model to `path`, seeded from its name so that LoRAs differ."""
+def write_lora(family: str, name: str, path: Path, style: str | None = None) -> None:
+    """Writes a tiny LoRA for the `family` role's model to `path`, seeded from its name so that LoRAs differ, in
+    `style` (one of LORA_STYLES; by default the layout of the manifest LoRA of that name, else diffusers')."""
+    style = style or MANIFEST_LORA_STYLES.get(name, "diffusers")
     torch.manual_seed(zlib.crc32(name.encode()))
     with torch.no_grad():
-        LORA_WRITERS[family](path)
+        LORA_WRITERS[family](path, style)

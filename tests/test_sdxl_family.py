@@ -15,9 +15,10 @@ import requests
 import test_entrypoints
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from test_txt2img import decode_data_uri
 
-from diffusion_worker.errors import InvalidInput
+from diffusion_worker.errors import Internal
 from diffusion_worker.manifest import load_manifest, lora_dir
 from diffusion_worker.pipelines import loras as loras_module
 from diffusion_worker.pipelines.common import cover, output_size
@@ -325,22 +326,31 @@ def test_two_loras_with_their_own_scales(run_job: Callable[..., dict]) -> None:
 
 
 def test_lora_weights_load_as_the_file_holds_them(worker) -> None:
+    """The manifest's SDXL LoRAs are in kohya's layout, whose names follow Stability's UNet (input_blocks.4.1 is
+    down_blocks.1.attentions.0) and whose alpha scales the adapter rather than its weights."""
     family = worker.families["txt2img"]
     refs = [LoraRef(name="sdxl-offset", scale=1.0), LoraRef(name="pixel-art-xl", scale=0.5)]
     pipeline = family.pipeline_for("txt2img", "euler")
     with family.loras.applied(pipeline, refs):
         for adapter, ref in enumerate(refs):
-            stored = family.loras.state_dict(ref.name)
-            for encoder, prefix in (("text_encoder", ""), ("text_encoder_2", "text_model.")):
+            stored = load_file(family.loras.files[ref.name])
+            for encoder, part, prefix in (("text_encoder", "te1", ""), ("text_encoder_2", "te2", "text_model.")):
                 loaded = dict(getattr(pipeline, encoder).named_parameters())
-                key = f"{prefix}encoder.layers.0.self_attn.k_proj"
+                key = "encoder.layers.0.self_attn.k_proj"
                 assert torch.equal(
-                    loaded[f"{key}.lora_A.job_{adapter}.weight"],
-                    stored[f"{encoder}.{key}.lora_linear_layer.down.weight"],
+                    loaded[f"{prefix}{key}.lora_A.job_{adapter}.weight"],
+                    stored[f"lora_{part}_text_model_{key.replace('.', '_')}.lora_down.weight"],
                 )
             unet = dict(pipeline.unet.named_parameters())
             key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-            assert torch.equal(unet[f"{key}.lora_B.job_{adapter}.weight"], stored[f"unet.{key}.lora.up.weight"])
+            assert torch.equal(
+                unet[f"{key}.lora_B.job_{adapter}.weight"],
+                stored["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"],
+            )
+            alpha = stored["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha"].item()
+            rank = stored["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0]
+            # set_adapters multiplies it by the job's scale.
+            assert dict(pipeline.unet.named_modules())[key].scaling[f"job_{adapter}"] == alpha / rank * ref.scale
     assert adapters_left(family) == []
 
 
@@ -365,13 +375,12 @@ def test_a_cached_lora_is_not_read_again_and_stays_as_read(
     job = {**FAST, "loras": [{"name": "pixel-art-xl", "scale": 1.0}]}
     first = sha(run_job(job))
     assert len(lora_reads) <= 1
-    cached = registry.state_dict("pixel-art-xl")
-    as_read = {name: tensor.clone() for name, tensor in cached.items()}
     read_so_far = len(lora_reads)
     assert sha(run_job(job)) == first
     assert len(lora_reads) == read_so_far
-    # Loading an adapter from the cached tensors must not alter them: the next job loads them again.
-    assert registry.state_dict("pixel-art-xl") is cached
+    # Loading adapters from the cache must not alter it: the next job loads them again.
+    as_read = load_file(registry.files["pixel-art-xl"])
+    cached = registry.state_dict("pixel-art-xl")
     assert cached.keys() == as_read.keys()
     assert all(torch.equal(cached[name], as_read[name]) for name in as_read)
 
@@ -394,13 +403,15 @@ def test_the_registry_lists_safetensors_only_and_evicts_the_least_recent(
     assert lora_reads == ["a", "b", "a"]
 
 
-def test_a_lora_file_that_is_not_safetensors_is_invalid_input(tmp_path: Path) -> None:
+def test_a_lora_file_that_is_not_safetensors_is_the_workers_fault(tmp_path: Path) -> None:
+    """The file is on the worker's own disk: the request that names it is not to blame."""
     folder = lora_dir(tmp_path, "sdxl")
     folder.mkdir(parents=True)
     (folder / "broken.safetensors").write_bytes(b"\x80\x04K\x01.")
     registry = LoraRegistry.scan(tmp_path, "sdxl", cache_size=1)
-    with pytest.raises(InvalidInput, match="loras: 'broken' is not a readable safetensors file"):
+    with pytest.raises(Internal, match="loras: 'broken' can't be read on this worker") as raised:
         registry.state_dict("broken")
+    assert raised.value.to_response()["retryable"] is True
 
 
 @pytest.mark.parametrize(

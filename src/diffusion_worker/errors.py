@@ -68,10 +68,15 @@ class Internal(WorkerError):
     code = "INTERNAL"
 
 
-class GpuStateLost(Internal):
-    """A CUDA error other than out-of-memory: the device may be corrupt, so the worker asks to be replaced."""
+class StateLost(Internal):
+    """The shared models can no longer be trusted to be as loaded (LoRA adapters that could not be removed): the
+    worker asks to be replaced rather than serve another job from them."""
 
     refresh_worker = True
+
+
+class GpuStateLost(StateLost):
+    """A CUDA error other than out-of-memory: the device may be corrupt, so the worker asks to be replaced."""
 
 
 class ConfigError(Exception):
