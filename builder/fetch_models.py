@@ -1,8 +1,8 @@
 """Puts the manifest's models into the models folder: pinned downloads for the Docker image, or tiny random-weight
 stand-ins, built offline in the same layout, for tests and local runs.
 
-    python builder/fetch_models.py [--models-dir DIR] [--roles sdxl,sdxl_vae] [--loras causvid]   # download
-    python builder/fetch_models.py --tiny [--models-dir DIR] [--roles ...]                       # build offline
+    python builder/fetch_models.py [--models-dir DIR] [--preset image-only | --roles sdxl,...] [--loras causvid]
+    python builder/fetch_models.py --tiny [--models-dir DIR] [--roles ...]                           # offline
 
 A download takes only the files the worker loads (builder/hub_files.py), checks each against the size and SHA-256
 the hub records, and checks every component folder for its weights. A role folder counts as present once its
@@ -39,6 +39,14 @@ MANIFEST = REPO / "models" / "manifest.toml"
 # The manifest's component sizes come from parameter counts given to three digits: a file off by more is another
 # model or another precision than the manifest says.
 SIZE_TOLERANCE = 0.03
+# The images CI builds, by the roles they bake (README, "Deploy": image sizes and GPU memory). None: every role;
+# "none" bakes nothing, for an image that reads its models from a network volume.
+PRESETS: dict[str, tuple[str, ...] | None] = {
+    "image-only": ("sdxl", "sdxl_vae", "controlnet_depth", "depth_estimator"),
+    "video-only": ("wan_t2v",),
+    "all": None,
+    "none": (),
+}
 
 log = logging.getLogger("fetch_models")
 
@@ -280,14 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("MODELS_DIR") or REPO / "models"),
         help="target folder (default: $MODELS_DIR, else models/ in the repository)",
     )
-    parser.add_argument("--roles", help="comma-separated manifest roles (default: all)")
+    parser.add_argument("--roles", help="comma-separated manifest roles (default: the preset's)")
+    parser.add_argument("--preset", choices=PRESETS, default="all", help="roles by image preset (default: all)")
     parser.add_argument(
         "--loras", default="", help="comma-separated LoRAs to fetch beyond those baked by default (pinned, commercial)"
     )
     parser.add_argument("--manifest", type=Path, default=MANIFEST, help=f"model manifest (default: {MANIFEST})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = [name.strip() for name in args.roles.split(",") if name.strip()] if args.roles else None
+    names = [name.strip() for name in args.roles.split(",") if name.strip()] if args.roles else PRESETS[args.preset]
     loras = [name.strip() for name in args.loras.split(",") if name.strip()]
     manifest = load_manifest(args.manifest)
     try:

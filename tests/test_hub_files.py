@@ -297,3 +297,9 @@ def test_a_complete_folder_that_loses_a_file_is_no_longer_complete(tiny_models_d
     # The I2V folder links to T2V's encoder: removing the T2V role breaks I2V too, and the check sees it.
     shutil.rmtree(t2v.path(models))
     assert not i2v.is_complete(models)
+
+
+def test_a_preset_fetches_its_roles_only(hub: FakeHub, tmp_path: Path) -> None:
+    fetch_models.main(["--models-dir", str(tmp_path), "--preset", "video-only"])
+    assert sorted(role.name for role in MANIFEST.roles.values() if role.is_complete(tmp_path)) == ["wan_t2v"]
+    assert {repo_id for repo_id, _ in hub.downloads} == {MANIFEST.role("wan_t2v").repo_id}
