@@ -60,6 +60,7 @@ def test_task_defaults_to_txt2img_and_fields_to_the_contract() -> None:
         "loras": [],
         "thumbnail_size": 256,
         "scheduler": None,
+        "preset": None,
         "num_images": 1,
         "output_format": "png",
         "output_quality": 90,

@@ -30,7 +30,7 @@ from diffusion_worker.schema import SDXL_SIZE, TASKS, VIDEO_TASKS, LoraRef, pars
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.json"))
 FAST = {"prompt": "a cottage", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 5}
-LORA_NAMES = ["pixel-art-xl", "sdxl-offset"]
+LORA_NAMES = ["hyper-sdxl-8step", "pixel-art-xl", "sdxl-lightning-4step", "sdxl-lightning-8step", "sdxl-offset"]
 # The local API server fixture of the entry-point tests, used here rather than written twice.
 api_server = test_entrypoints.api_server
 
@@ -88,8 +88,8 @@ def test_every_sdxl_pipeline_shares_one_copy_of_the_weights(
     used = []
     pipeline_for = family.pipeline_for
 
-    def recording(task: str, scheduler_name: str):
-        used.append(pipeline_for(task, scheduler_name))
+    def recording(*args: object):
+        used.append(pipeline_for(*args))
         return used[-1]
 
     monkeypatch.setattr(family, "pipeline_for", recording)
@@ -420,7 +420,7 @@ def test_a_lora_file_that_is_not_safetensors_is_the_workers_fault(tmp_path: Path
 def test_a_lora_name_is_looked_up_never_joined_into_a_path(run_job: Callable[..., dict], name: str) -> None:
     result = run_job({**FAST, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": name, "scale": 1.0}]})
     assert result["error_code"] == "UNKNOWN_LORA"
-    assert result["error"] == (f"UNKNOWN_LORA: loras: {name!r} not available for sdxl (pixel-art-xl, sdxl-offset)")
+    assert result["error"] == f"UNKNOWN_LORA: loras: {name!r} not available for sdxl ({', '.join(LORA_NAMES)})"
     assert result["retryable"] is False
 
 

@@ -9,8 +9,9 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.toml"
 # A LoRA is trained for one base model: its family names the role it applies to.
@@ -109,9 +110,29 @@ class LoraSource:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A few-step variant of a family's model: a distillation LoRA and the sampling it was trained for.
+
+    `steps` lists the step counts the LoRA was distilled for, the first being the default; `scheduler_config`
+    changes the scheduler's config for the job only (SDXL-Lightning and Hyper-SD need trailing timesteps).
+    """
+
+    name: str
+    family: str
+    scheduler: str
+    steps: tuple[int, ...]
+    guidance_scale: float
+    max_guidance_scale: float
+    lora: str | None = None
+    lora_scale: float = 1.0
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     roles: dict[str, ModelRole]
     loras: dict[str, LoraSource]
+    presets: dict[str, Preset] = field(default_factory=dict)
 
     def role(self, name: str) -> ModelRole:
         return self.roles[name]
@@ -149,4 +170,17 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> Manifest:
     for lora in loras.values():
         if lora.family not in LORA_FAMILIES:
             raise ValueError(f"LoRA {lora.name!r}: family must be one of {LORA_FAMILIES}")
-    return Manifest(roles=roles, loras=loras)
+    presets = {name: _preset(name, fields, loras) for name, fields in raw.get("presets", {}).items()}
+    return Manifest(roles=roles, loras=loras, presets=presets)
+
+
+def _preset(name: str, fields: dict[str, Any], loras: dict[str, LoraSource]) -> Preset:
+    preset = Preset(name=name, **{**fields, "steps": tuple(fields["steps"])})
+    lora = loras.get(preset.lora) if preset.lora else None
+    if preset.lora and (lora is None or lora.family != preset.family):
+        raise ValueError(f"preset {name!r}: lora must name a [loras.*] entry of family {preset.family!r}")
+    if not preset.steps or min(preset.steps) < 1:
+        raise ValueError(f"preset {name!r}: steps must list step counts of 1 or more")
+    if not 0 <= preset.guidance_scale <= preset.max_guidance_scale:
+        raise ValueError(f"preset {name!r}: guidance_scale must be from 0 to max_guidance_scale")
+    return preset

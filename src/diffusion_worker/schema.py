@@ -107,6 +107,8 @@ class _Generation(_Strict):
 
 class _ImageGeneration(_Generation):
     scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    # A few-step preset of the manifest, by name; the worker checks it against those it serves.
+    preset: str | None = Field(default=None, min_length=1, max_length=100)
     num_images: int = Field(default=1, ge=1, le=8)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = Field(default=90, ge=1, le=100)

@@ -6,6 +6,7 @@ step index or sigmas behind for the next.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from diffusers import (
@@ -42,9 +43,15 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "schema.SCHEDULER_NAMES and SCHEDULERS must list the same names"
 
 
-def build_scheduler(name: str, model_config: dict[str, Any]) -> SchedulerMixin:
+def build_scheduler(
+    name: str, model_config: Mapping[str, Any], preset_config: Mapping[str, Any] | None = None
+) -> SchedulerMixin:
+    """A new scheduler of the table's `name`, with a preset's config changes (trailing timesteps) on top.
+
+    `from_config` copies the config, so neither the model's config nor the table is ever changed by a job.
+    """
     scheduler_class, overrides = SCHEDULERS[name]
-    return scheduler_class.from_config(model_config, **overrides)
+    return scheduler_class.from_config(model_config, **{**overrides, **(preset_config or {})})
 
 
 def scheduler_name_of(scheduler: SchedulerMixin) -> str:

@@ -27,8 +27,9 @@ from PIL import Image
 
 from ..config import Settings
 from ..errors import InvalidInput
-from ..manifest import Manifest, ModelRole
+from ..manifest import Manifest, ModelRole, Preset
 from ..placement import Placement
+from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
 from .common import cover, describe_role, output_size, seeded_generator
 from .depth import DepthEstimator
@@ -61,12 +62,14 @@ class SdxlFamily:
         loras: LoraRegistry,
         controlnet: ControlNetModel | None = None,
         depth: DepthEstimator | None = None,
+        presets: Mapping[str, Preset] | None = None,
     ) -> None:
         self.base = base
         self.roles = roles
         self.placement = placement
         self.tasks = tasks
         self.loras = loras
+        self.presets = dict(presets or {})
         self.controlnet = controlnet
         self.depth = depth
         self.default_scheduler = scheduler_name_of(base.scheduler)
@@ -120,11 +123,20 @@ class SdxlFamily:
                 depth_role.path(models_dir), placement.device, placement.dtype_for(depth_role.dtype)
             )
             roles += [controlnet_role, depth_role]
-        return cls(base, roles, placement, tasks, loras, controlnet, depth)
+        # A preset is served when its LoRA is here: an image may leave out LoRAs it may not redistribute.
+        presets = {
+            name: preset
+            for name, preset in manifest.presets.items()
+            if preset.family == "sdxl" and (preset.lora is None or preset.lora in loras.files)
+        }
+        return cls(base, roles, placement, tasks, loras, controlnet, depth, presets)
 
     def resolve(self, request: SdxlRequest, inputs: Mapping[str, Image.Image]) -> SdxlRequest:
-        """Fills what the request left to the model's defaults, so `parameters` shows what really ran."""
+        """Fills what the request left to the preset's or the model's defaults, so `parameters` shows what really
+        ran."""
         self.loras.check(request.loras)
+        if request.preset is not None:
+            request = apply_preset(request, find_preset(self.presets, request.preset))
         source = inputs.get("image", inputs.get("control_image"))
         width, height = output_size(
             request.width, request.height, source, (self.default_size, self.default_size), SDXL_SIZE
@@ -169,8 +181,9 @@ class SdxlFamily:
             }
         else:
             arguments = {"width": request.width, "height": request.height}
-        pipeline = self.pipeline_for(request.task, request.scheduler)
-        with self.loras.applied(pipeline, request.loras):
+        preset = self.presets[request.preset] if request.preset else None
+        pipeline = self.pipeline_for(request.task, request.scheduler, preset.scheduler_config if preset else None)
+        with self.loras.applied(pipeline, [*preset_loras(preset), *request.loras]):
             for index in range(request.num_images):
                 image_seed = seed + index
                 output = pipeline(
@@ -186,11 +199,14 @@ class SdxlFamily:
         if control_image is not None and request.return_control_image:
             yield GeneratedImage(image=control_image, seed=seed, kind="control_image")
 
-    def pipeline_for(self, task: str, scheduler_name: str) -> DiffusionPipeline:
-        """A job's own pipeline of the task's class: the shared models, a scheduler of its own."""
+    def pipeline_for(
+        self, task: str, scheduler_name: str, scheduler_config: Mapping[str, Any] | None = None
+    ) -> DiffusionPipeline:
+        """A job's own pipeline of the task's class: the shared models, a scheduler of its own (with a preset's
+        `scheduler_config` on top)."""
         components: dict[str, Any] = {
             **self.base.components,
-            "scheduler": build_scheduler(scheduler_name, self.base.scheduler.config),
+            "scheduler": build_scheduler(scheduler_name, self.base.scheduler.config, scheduler_config),
         }
         if task == "controlnet_depth":
             components["controlnet"] = self.controlnet
@@ -216,6 +232,7 @@ class SdxlFamily:
             "default_scheduler": self.default_scheduler,
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),
             "loras": self.loras.names,
+            "presets": {name: describe_preset(preset) for name, preset in sorted(self.presets.items())},
         }
 
     def weight_modules(self) -> list[torch.nn.Module]:
