@@ -489,8 +489,8 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    # What the handler reads at import, as a deployment sets it.
-    os.environ.update(MODELS_DIR=str(args.models_dir), LOG_LEVEL="WARNING")
+    # What the handler reads at import, as a deployment sets it; the jobs' s3Config names moto on loopback, over http.
+    os.environ.update(MODELS_DIR=str(args.models_dir), LOG_LEVEL="WARNING", ALLOW_PRIVATE_S3CONFIG_ENDPOINTS="true")
     sys.path.insert(0, str(REPO))
     print(json.dumps(machine()))
     print(HEADER, flush=True)

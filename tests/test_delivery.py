@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from test_sdxl_family import PHOTO
+import test_inputs
+from PIL import Image
+from test_sdxl_family import PHOTO, as_base64, gradient
 from test_storage import TYPES, fetch
 from test_video import FAST as VIDEO
 
+from diffusion_worker import inputs
 from diffusion_worker.config import Settings
+from diffusion_worker.inputs import InputLimits
+from diffusion_worker.pipelines.sdxl import SdxlFamily
 from diffusion_worker.runtime import Worker, _echoed_parameters
 from diffusion_worker.schema import parse_input
 
@@ -22,6 +29,9 @@ if TYPE_CHECKING:
     from s3_fixtures import S3Server
 
 pytest_plugins = ("s3_fixtures",)
+# An HTTPS server on loopback for input URLs, behind a resolver for its test host names, and a guard that fails a test
+# connecting anywhere but loopback.
+https_server, local, connections = test_inputs.https_server, test_inputs.local, test_inputs.connections
 IMAGE = {"prompt": "a cottage", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 5}
 JOBS = {
     "txt2img": {**IMAGE, "task": "txt2img", "num_images": 2, "output_format": "jpeg"},
@@ -82,6 +92,38 @@ def test_with_a_bucket_every_tasks_assets_thumbnails_and_metadata_land(
     assert s3_server.secret_access_key not in json.dumps(response)
 
 
+@pytest.fixture
+def private_endpoints(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's worker as if started with ALLOW_PRIVATE_S3CONFIG_ENDPOINTS=true: the tests' S3 server is moto
+    on loopback, over http."""
+    monkeypatch.setattr(worker, "settings", replace(worker.settings, allow_private_s3config_endpoints=True))
+
+
+def test_a_requests_loopback_endpoint_is_refused_before_any_work(
+    run_job: Callable[..., dict], s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the operator's leave, a request can't send the worker to an internal address: INVALID_INPUT at once,
+    before the GPU or the store is touched."""
+    bucket = s3_server.create_bucket("not-for-requests")
+    generated: list[object] = []
+    monkeypatch.setattr(SdxlFamily, "generate", lambda *args: generated.append(args))
+    https_loopback = s3_server.endpoint.replace("http://", "https://")
+    for endpoint in (s3_server.endpoint, https_loopback):
+        s3_config = {
+            "accessId": s3_server.access_key_id,
+            "accessSecret": s3_server.secret_access_key,
+            "bucketName": bucket,
+            "endpointUrl": endpoint,
+        }
+        refused = run_job(IMAGE, job_id="job-internal", s3Config=s3_config)
+        assert (refused["error_code"], refused["retryable"]) == ("INVALID_INPUT", False)
+        assert refused["error"].startswith("INVALID_INPUT: s3Config.endpointUrl: ")
+    assert "https:// URL" in run_job(IMAGE, s3Config={"bucketName": bucket, "endpointUrl": s3_server.endpoint})["error"]
+    assert generated == []
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", []) == []
+
+
+@pytest.mark.usefixtures("private_endpoints")
 def test_a_requests_s3config_sends_its_results_to_its_own_bucket(
     run_job: Callable[..., dict], s3_server: S3Server
 ) -> None:
@@ -106,6 +148,7 @@ def test_a_requests_s3config_sends_its_results_to_its_own_bucket(
     assert s3_server.secret_access_key not in json.dumps(response)
 
 
+@pytest.mark.usefixtures("private_endpoints")
 def test_an_upload_that_fails_is_retryable_and_the_next_job_is_delivered(
     run_job: Callable[..., dict], s3_server: S3Server
 ) -> None:
@@ -139,5 +182,86 @@ def test_input_images_are_echoed_by_digest_or_by_url_without_its_query(run_job: 
     response = run_job(JOBS["img2img"])
     assert response["parameters"]["image"] == "sha256:" + hashlib.sha256(PHOTO.encode()).hexdigest()
     assert PHOTO not in json.dumps(response)
-    signed = parse_input({**JOBS["img2img"], "image": "https://cdn.example.test/in/cat.png?X-Amz-Signature=abc#x"})
-    assert _echoed_parameters(signed)["image"] == "https://cdn.example.test/in/cat.png"
+    for url in (
+        "https://cdn.example.test/in/cat.png?X-Amz-Signature=abc#x",
+        "https://user:pa%40ss@cdn.example.test/in/cat.png",
+        "https://token@cdn.example.test/in/cat.png#frag",
+    ):
+        echoed = _echoed_parameters(parse_input({**JOBS["img2img"], "image": url}))["image"]
+        assert echoed == "https://cdn.example.test/in/cat.png"
+    port = _echoed_parameters(parse_input({**JOBS["img2img"], "image": "https://u:p@cdn.example.test:8443/a.png?s"}))
+    assert port["image"] == "https://cdn.example.test:8443/a.png"
+
+
+# --- secrets -----------------------------------------------------------------------------------------------------
+
+PASSWORD = "url-password-not-for-logs"
+SIGNATURE = "url-signature-not-for-logs"
+# An inline image no other test sends, so that any trace of it here is this test's.
+INLINE = as_base64(gradient(72, 56).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+@pytest.fixture
+def fetching_worker(
+    worker: Worker, local: test_inputs.Local, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[test_inputs.Local]:
+    """The session's worker as if started with private input URLs and s3Config endpoints allowed (the test servers
+    are on loopback), trusting the test CA for input URLs."""
+    settings = replace(worker.settings, allow_private_urls=True, allow_private_s3config_endpoints=True)
+    monkeypatch.setattr(worker, "settings", settings)
+    monkeypatch.setattr(worker, "input_limits", InputLimits.from_settings(settings))
+    monkeypatch.setattr(inputs, "_default_context", lambda: local.context)
+    yield local
+
+
+def test_no_secret_reaches_the_log_the_response_or_result_json(
+    run_job: Callable[..., dict],
+    s3_server: S3Server,
+    fetching_worker: test_inputs.Local,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At DEBUG, every logger (botocore's too): an s3Config secret, a password and a signature in an input URL, and
+    an inline input image appear nowhere a user or an operator could read them."""
+    customer = s3_server.add_user("secrets")
+    bucket = customer.create_bucket("secrets-results")
+    # From here on: the user's creation above answers with its secret, at DEBUG.
+    caplog.set_level(logging.DEBUG)
+    s3_config = {
+        "accessId": customer.access_key_id,
+        "accessSecret": customer.secret_access_key,
+        "bucketName": bucket,
+        "endpointUrl": customer.endpoint,
+    }
+    url = fetching_worker.url(f"/image.png?X-Amz-Signature={SIGNATURE}#{SIGNATURE}").replace(
+        "https://", f"https://alice:{PASSWORD}@"
+    )
+    jobs = {
+        "url": {**JOBS["img2img"], "image": url},
+        "inline": {**JOBS["controlnet_depth"], "image": INLINE},
+        "failed fetch": {**JOBS["img2img"], "image": url.replace("/image.png", "/missing")},
+        "failed decode": {**JOBS["img2img"], "image": INLINE[:40] + "!"},
+    }
+    responses = {
+        name: run_job(job, job_id=f"secrets-{index}", s3Config=s3_config)
+        for index, (name, job) in enumerate(jobs.items())
+    }
+    assert "error" not in responses["url"] and "error" not in responses["inline"], responses
+    assert responses["url"]["parameters"]["image"] == fetching_worker.url("/image.png")
+    assert responses["inline"]["parameters"]["image"] == "sha256:" + hashlib.sha256(INLINE.encode()).hexdigest()
+    assert responses["failed fetch"]["error_code"] == "INPUT_FETCH_FAILED"
+    assert responses["failed decode"]["error_code"] == "INVALID_INPUT"
+    stored = [
+        customer.client().get_object(Bucket=bucket, Key=f"secrets-{index}/result.json")["Body"].read().decode()
+        for index in (0, 1)
+    ]
+    assert json.loads(stored[0])["parameters"] == responses["url"]["parameters"]
+    # The log did see the jobs: botocore's requests and the fetch of the input.
+    assert "botocore" in {record.name.split(".")[0] for record in caplog.records}
+    assert "images.test" in caplog.text
+    for secret in (customer.secret_access_key, PASSWORD, SIGNATURE, INLINE, INLINE[100:140]):
+        for where, text in {
+            "log": caplog.text,
+            "responses": json.dumps(responses),
+            "result.json": "".join(stored),
+        }.items():
+            assert secret[:40] not in text, (where, secret[:40])

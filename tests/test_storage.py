@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import random
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import test_inputs
+from test_inputs import fake_resolver
 
 from diffusion_worker import storage
 from diffusion_worker.config import BucketSettings
@@ -39,6 +42,8 @@ METADATA = {
 }
 # The fixtures: moto on loopback, and servers that stop, stay silent, throttle or answer slowly.
 pytest_plugins = ("s3_fixtures",)
+# A fixture that fails a test, before any packet is sent, if it connects anywhere but loopback.
+connections = test_inputs.connections
 TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 
 
@@ -170,7 +175,10 @@ def test_s3config_overrides_the_environment_for_one_job(s3_server: S3Server, wat
         "bucketName": "customer-results",
         "endpointUrl": customer.endpoint + "/",
     }
-    bucket = bucket_for_job(default, s3_config)
+    # moto listens on loopback over http: only a worker that allows private endpoints takes it.
+    with pytest.raises(InvalidInput, match=r"^s3Config\.endpointUrl: must be an https:// URL"):
+        bucket_for_job(default, s3_config)
+    bucket = bucket_for_job(default, s3_config, allow_private_endpoints=True)
     assert bucket is not None
     assert (bucket.name, bucket.endpoint_url, bucket.access_key_id) == (
         "customer-results",
@@ -212,6 +220,83 @@ def test_bad_s3config_is_invalid_input_naming_the_field_not_the_value(s3_config:
         bucket_for_job(default, s3_config)
     assert refused.value.message.startswith(field)
     assert SECRET not in json.dumps(refused.value.to_response())
+
+
+ENDPOINT_CONFIG = {"accessId": "AKIA1", "accessSecret": SECRET, "bucketName": "results"}
+# Test hosts and what they resolve to here (fake_resolver: numeric lookups only, no DNS).
+ENDPOINT_HOSTS = {
+    "s3.example.test": ["93.184.216.34", "2606:2800:220:1::1"],
+    "internal.example.test": ["10.1.2.3"],
+    # One public address and one that is not: either could be the one botocore connects to.
+    "rebinding.example.test": ["93.184.216.34", "169.254.169.254"],
+    "metadata.example.test": ["169.254.169.254"],
+}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "says"),
+    [
+        ("http://s3.example.test", "must be an https:// URL"),
+        ("ftp://s3.example.test", "must be an https:// URL"),
+        ("https://exa mple.test", "not a valid URL"),
+        ("https://s3.example.test\n.evil", "not a valid URL"),
+        ("https://", "not a valid URL"),
+        ("s3.example.test", "not a valid URL"),
+        ("https://s3.example.test:99999", "the port must be a number from 0 to 65535"),
+        ("https://user:pw@s3.example.test", "credentials go in accessId and accessSecret"),
+        (
+            "https://127.0.0.1:9000",
+            "127.0.0.1 is at 127.0.0.1, a loopback address; only public addresses are written to",
+        ),
+        ("https://[::1]:9000", "a loopback address"),
+        ("https://169.254.169.254", "a link-local address"),
+        ("https://metadata.example.test", "metadata.example.test is at 169.254.169.254, a link-local address"),
+        ("https://internal.example.test:8080/", "internal.example.test is at 10.1.2.3, a private address"),
+        ("https://rebinding.example.test", "rebinding.example.test is at 169.254.169.254, a link-local address"),
+        ("https://[::ffff:10.0.0.1]", "a private address"),
+    ],
+)
+def test_a_requests_endpoint_must_be_https_at_public_addresses_checked_before_any_connection(
+    endpoint: str, says: str, connections: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_resolver(monkeypatch, ENDPOINT_HOSTS, [])
+    default = BucketSettings(endpoint_url=None, access_key_id="AKIA0", secret_access_key="env", name="results")
+    for environment_bucket in (default, None):
+        with pytest.raises(InvalidInput) as refused:
+            bucket_for_job(environment_bucket, {**ENDPOINT_CONFIG, "endpointUrl": endpoint})
+        assert refused.value.message.startswith("s3Config.endpointUrl: ")
+        assert says in refused.value.message
+        assert SECRET not in json.dumps(refused.value.to_response())
+    assert connections == []
+
+
+def test_a_public_https_endpoint_is_taken_and_one_that_does_not_resolve_is_upload_failed(
+    connections: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolved: list[str] = []
+    fake_resolver(monkeypatch, ENDPOINT_HOSTS, resolved)
+    bucket = bucket_for_job(None, {**ENDPOINT_CONFIG, "endpointUrl": "https://s3.example.test/"})
+    assert bucket is not None and bucket.endpoint_url == "https://s3.example.test"
+    assert resolved == ["s3.example.test"]
+
+    def fail(*args: object, **kwargs: object) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    with pytest.raises(UploadFailed, match=r"^s3Config\.endpointUrl: can't resolve s3\.example\.test"):
+        bucket_for_job(None, {**ENDPOINT_CONFIG, "endpointUrl": "https://s3.example.test"})
+    assert connections == []
+
+
+def test_private_endpoints_only_where_the_operator_allows_them(connections: list[object]) -> None:
+    allowed = bucket_for_job(
+        None, {**ENDPOINT_CONFIG, "endpointUrl": "http://127.0.0.1:9000"}, allow_private_endpoints=True
+    )
+    assert allowed is not None and allowed.endpoint_url == "http://127.0.0.1:9000"
+    # The environment's own endpoint is the operator's: never checked.
+    operator = BucketSettings(endpoint_url="http://10.0.0.5:9000", access_key_id="a", secret_access_key="b", name="x")
+    assert bucket_for_job(operator, {"bucketName": "other"}).endpoint_url == "http://10.0.0.5:9000"
+    assert connections == []
 
 
 def test_s3config_without_an_environment_bucket() -> None:

@@ -58,6 +58,8 @@ class Settings:
     # Without a bucket: results written here instead of inline (local runs).
     output_dir: Path | None = None
     allow_private_urls: bool = False
+    # A request's s3Config.endpointUrl may be http:// and reach private or loopback addresses (local testing).
+    allow_private_s3config_endpoints: bool = False
     max_input_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
     input_fetch_timeout_s: float = 15.0
@@ -81,6 +83,7 @@ class Settings:
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", DEFAULT_MAX_INLINE_BYTES, minimum=1024),
             output_dir=reader.optional_path("OUTPUT_DIR"),
             allow_private_urls=reader.flag("ALLOW_PRIVATE_INPUT_URLS"),
+            allow_private_s3config_endpoints=reader.flag("ALLOW_PRIVATE_S3CONFIG_ENDPOINTS"),
             max_input_bytes=reader.integer("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1024),
             max_input_pixels=reader.integer("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64),
             input_fetch_timeout_s=reader.number("INPUT_FETCH_TIMEOUT_S", 15.0, minimum=0.1),

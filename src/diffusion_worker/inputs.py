@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,6 +102,13 @@ def load_image(source: str, field: str, limits: InputLimits, ssl_context: ssl.SS
         host, body = _fetch(text, field, limits, ssl_context or _default_context())
         return _decode(body, f"{field}: {host}", limits, InputFetchFailed)
     raise InvalidInput(f"{field}: must be an https:// URL, a data:image/...;base64, URI or bare base64")
+
+
+def echoed_url(url: str) -> str:
+    """A URL as a response or result.json may repeat it: without userinfo (a password), query or fragment (a
+    signature)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
 
 
 def classify_address(address: IPAddress) -> str:
@@ -279,17 +286,28 @@ def _download(target: _Target, field: str, limits: InputLimits, context: ssl.SSL
 
 
 def _checked_addresses(target: _Target, where: str, limits: InputLimits, deadline: _Deadline) -> list[AddrInfo]:
-    """Every address the host resolves to must pass, since any one of them might be the one connected to."""
     addresses = _resolve(target.host, target.port, deadline)
     if not limits.allow_private_urls:
-        for *_, sockaddr in addresses:
-            address = ipaddress.ip_address(sockaddr[0])
-            kind = classify_address(address)
-            if kind != "public":
-                raise InvalidInput(
-                    f"{where}: {target.host} is at {address}, a {kind} address; only public addresses are fetched"
-                )
+        _check_public(target.host, addresses, where, "fetched")
     return addresses
+
+
+def resolve_public(host: str, port: int, where: str, timeout_s: float, use: str) -> list[AddrInfo]:
+    """Resolves `host` within `timeout_s` and returns its addresses, each of which must be public: InvalidInput
+    otherwise, naming `where` and what only public addresses are (`use`, e.g. "written to"). A host that doesn't
+    resolve raises socket.gaierror; a resolver that doesn't answer in time, TimeoutError."""
+    addresses = _resolve(host, port, _Deadline(timeout_s))
+    _check_public(host, addresses, where, use)
+    return addresses
+
+
+def _check_public(host: str, addresses: list[AddrInfo], where: str, use: str) -> None:
+    """Every address the host resolves to must pass, since any one of them might be the one connected to."""
+    for *_, sockaddr in addresses:
+        address = ipaddress.ip_address(sockaddr[0])
+        kind = classify_address(address)
+        if kind != "public":
+            raise InvalidInput(f"{where}: {host} is at {address}, a {kind} address; only public addresses are {use}")
 
 
 def _resolve(host: str, port: int, deadline: _Deadline) -> list[AddrInfo]:

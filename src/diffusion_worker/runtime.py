@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -31,7 +30,7 @@ from .errors import (
     WorkerError,
 )
 from .hygiene import memory_figures, release_memory
-from .inputs import InputLimits, load_image
+from .inputs import InputLimits, echoed_url, load_image
 from .manifest import Manifest, load_manifest
 from .media import check_not_blank, encode_image, encode_thumbnail, encode_video
 from .pipelines.outputs import GeneratedImage, GeneratedVideo
@@ -143,7 +142,9 @@ class Worker:
             raise TaskUnavailable(
                 f"task: {request.task} is not served by this worker (it serves {', '.join(self.tasks)})"
             )
-        bucket = bucket_for_job(self.settings.bucket, job.get("s3Config"))
+        bucket = bucket_for_job(
+            self.settings.bucket, job.get("s3Config"), self.settings.allow_private_s3config_endpoints
+        )
         # Downloads and decoding happen before the GPU lock: they need no GPU and may be slow. They come before
         # `resolve` because an input image sets the output size where the request gives none.
         inputs = {
@@ -269,14 +270,14 @@ def _encode(
 
 def _echoed_parameters(request: GenerationRequest) -> dict[str, Any]:
     """The resolved request as the response and result.json repeat it. An input image sent inline is named by the
-    SHA-256 of the string sent rather than sent back; a URL loses its query, which may hold a signature."""
+    SHA-256 of the string sent rather than sent back; a URL loses its userinfo, query and fragment (`echoed_url`)."""
     parameters = request.model_dump(mode="json")
     for name in INPUT_IMAGE_FIELDS:
         value = parameters.get(name)
         if value is None:
             continue
         if value.startswith("https://"):
-            parameters[name] = urlunsplit(urlsplit(value)._replace(query="", fragment=""))
+            parameters[name] = echoed_url(value)
         else:
             parameters[name] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
     return parameters

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,9 +27,11 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import is_valid_uri
 
 from .config import BucketSettings
 from .errors import InvalidInput, ResultTooLarge, UploadFailed
+from .inputs import resolve_public
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +75,12 @@ class Asset:
             raise ValueError(f"asset .{self.ext} as {self.mime}: deliverable types are {CONTENT_TYPES}")
 
 
-def bucket_for_job(default: BucketSettings | None, s3_config: object | None) -> BucketSettings | None:
+def bucket_for_job(
+    default: BucketSettings | None, s3_config: object | None, allow_private_endpoints: bool = False
+) -> BucketSettings | None:
     """Applies a request's top-level s3Config (accessId, accessSecret, bucketName, endpointUrl; all strings; unknown
-    keys or wrong types -> InvalidInput naming the field) over the environment's bucket; None -> the default.
+    keys or wrong types -> InvalidInput naming the field) over the environment's bucket; None -> the default. Its
+    endpoint is checked before anything connects to it (`_checked_endpoint`).
 
     What it replaces is where results go; the prefix and public base describe the environment's bucket, so they are
     dropped when the bucket or endpoint changes. Timeouts, retries and link expiry stay. Messages never quote a value:
@@ -94,10 +100,8 @@ def bucket_for_job(default: BucketSettings | None, s3_config: object | None) -> 
     if "name" in given and not BUCKET_NAME.fullmatch(given["name"]):
         raise InvalidInput("s3Config.bucketName: must be 1 to 255 letters, digits, '.', '_' or '-'")
     if "endpoint_url" in given:
-        parts = urlsplit(given["endpoint_url"])
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput("s3Config.endpointUrl: must be an http:// or https:// URL")
-        given["endpoint_url"] = given["endpoint_url"].rstrip("/")
+        timeout_s = default.connect_timeout_s if default else BucketSettings.connect_timeout_s
+        given["endpoint_url"] = _checked_endpoint(given["endpoint_url"], allow_private_endpoints, timeout_s)
     if default is None:
         if "name" not in given:
             raise InvalidInput("s3Config.bucketName: required, as this worker has no bucket of its own")
@@ -112,6 +116,39 @@ def bucket_for_job(default: BucketSettings | None, s3_config: object | None) -> 
     if "endpoint_url" in given:
         given["region"] = None
     return replace(default, **given)
+
+
+def _checked_endpoint(url: str, allow_private: bool, timeout_s: float) -> str:
+    """A request's own endpoint must be a URL botocore accepts, over https, at a host that resolves to public
+    addresses only: the worker connects to it with the request's credentials and reports how it answered, so an
+    internal address would let a request probe the worker's network (cloud metadata, local ports). With
+    `allow_private` (ALLOW_PRIVATE_S3CONFIG_ENDPOINTS, local testing) http:// and any address are accepted, unresolved.
+    The environment's BUCKET_ENDPOINT_URL is the operator's and is never checked.
+
+    The host is resolved here, and botocore resolves it again when it connects: a DNS answer that changes in
+    between is not caught."""
+    field = "s3Config.endpointUrl"
+    if not is_valid_uri(url):
+        raise InvalidInput(f"{field}: not a valid URL (scheme://host[:port])")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidInput(f"{field}: the port must be a number from 0 to 65535") from None
+    scheme = parts.scheme.lower()
+    if scheme != "https" and not (allow_private and scheme == "http"):
+        raise InvalidInput(f"{field}: must be an https:// URL")
+    if "@" in parts.netloc:
+        raise InvalidInput(f"{field}: credentials go in accessId and accessSecret, not in the URL")
+    if not allow_private:
+        host = parts.hostname or ""
+        try:
+            resolve_public(host, port or 443, field, timeout_s, "written to")
+        except socket.gaierror as error:
+            raise UploadFailed(f"{field}: can't resolve {host} ({error.strerror})") from error
+        except TimeoutError as error:
+            raise UploadFailed(f"{field}: no answer resolving {host} within {timeout_s:g} s") from error
+    return url.rstrip("/")
 
 
 def open_sink(
