@@ -7,24 +7,32 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffusion_worker.config import Settings
+from diffusion_worker.hygiene import OFFLOAD_HOOKS
 from diffusion_worker.manifest import COMPLETE_MARKER, DEFAULT_MANIFEST, load_manifest
+from diffusion_worker.pipelines.wan import WanFamily
+from diffusion_worker.placement import Placement
 from diffusion_worker.plan import (
     GIB,
     NOT_SERVED,
     OFFLOADED,
     RESERVE_BYTES,
     RESIDENT,
+    STREAMED,
     TASK_ROLES,
     make_plan,
     peak_bytes,
     weights_from_manifest,
 )
+from diffusion_worker.schema import parse_input
 from diffusion_worker.sizes import component_bytes, read_header
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,3 +253,65 @@ def test_info_reports_the_plan_in_force(run_job) -> None:
     assert plan["gpu_bytes"] is None
     assert {facts["served"] for facts in plan["tasks"].values()} == {"all resident"}
     assert {component["placement"] for component in plan["components"]} == {RESIDENT}
+
+
+# --- one copy of what two roles share ----------------------------------------------------------------------------
+
+COUNT_MODULES = """
+import gc, json, sys
+from pathlib import Path
+from diffusers import AutoencoderKLWan
+from transformers import UMT5EncoderModel
+from diffusion_worker.config import Settings
+from diffusion_worker.runtime import Worker
+
+worker = Worker.load(Settings(models_dir=Path(sys.argv[1]), worker_tasks=frozenset({"txt2video", "img2video"})))
+gc.collect()
+every = gc.get_objects()
+counts = {cls.__name__: sum(isinstance(o, cls) for o in every) for cls in (UMT5EncoderModel, AutoencoderKLWan)}
+print(json.dumps({"tasks": worker.tasks, **counts}))
+"""
+
+
+def test_both_wan_tasks_hold_one_umt5_encoder_and_one_vae_in_the_process(tiny_models_dir: Path) -> None:
+    answer = subprocess.run(
+        [sys.executable, "-c", COUNT_MODULES, str(tiny_models_dir)], check=True, capture_output=True, text=True
+    )
+    assert json.loads(answer.stdout.splitlines()[-1]) == {
+        "tasks": ["img2video", "txt2video"],
+        "UMT5EncoderModel": 1,
+        "AutoencoderKLWan": 1,
+    }
+
+
+def test_the_video_pipelines_share_the_encoder_tokenizer_and_vae(worker) -> None:
+    family = worker.families["txt2video"]
+    t2v, i2v = family.pipelines["txt2video"], family.pipelines["img2video"]
+    for name in ("text_encoder", "tokenizer", "vae"):
+        assert getattr(t2v, name) is getattr(i2v, name), name
+        assert getattr(family.pipeline_for("img2video", 64, 64), name) is getattr(t2v, name)
+    assert t2v.transformer is not i2v.transformer
+
+
+def test_offloaded_and_streamed_components_give_the_same_video(worker, tiny_models_dir: Path) -> None:
+    """The plan's hooks, wired on the CPU: an offloaded text encoder and VAE, a streamed transformer, and the same
+    frames as the resident worker's."""
+    settings = Settings(models_dir=tiny_models_dir)
+    placement = Placement.from_settings(settings).planned(MANIFEST, tiny_models_dir, ["txt2video"])
+    placements = dict(placement.plan.placements)
+    for w in placement.plan.weights:
+        placements[w.key] = STREAMED if w.name == "transformer" else OFFLOADED
+    forced = replace(placement, plan=replace(placement.plan, placements=placements))
+    hooks_before = len(OFFLOAD_HOOKS)
+    try:
+        family = WanFamily.load(settings, MANIFEST, forced, frozenset({"txt2video"}))
+        pipeline = family.pipelines["txt2video"]
+        assert hasattr(pipeline.text_encoder, "_hf_hook") and hasattr(pipeline.vae, "_hf_hook")
+        assert len(OFFLOAD_HOOKS) == hooks_before + 2
+        job = {"task": "txt2video", "prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64}
+        request = family.resolve(parse_input({**job, "num_frames": 5}), {})
+        [offloaded] = family.generate(request, 3, {})
+        [resident] = worker.families["txt2video"].generate(request, 3, {})
+        assert np.array_equal(offloaded.frames, resident.frames)
+    finally:
+        del OFFLOAD_HOOKS[hooks_before:]

@@ -284,7 +284,7 @@ def test_a_worker_serving_all_tasks_loads_wan_beside_sdxl(worker) -> None:
     assert isinstance(worker.families["txt2img"], SdxlFamily)
     pipelines = {pipeline["tasks"][0]: pipeline for pipeline in worker.info()["pipelines"]}
     assert pipelines["img2video"]["loras"] == {"img2video": [], "txt2video": [LORA]}
-    assert [model["role"] for model in pipelines["img2video"]["models"]] == ["wan_i2v", "wan_t2v"]
+    assert [model["role"] for model in pipelines["img2video"]["models"]] == ["wan_t2v", "wan_i2v"]
 
 
 def test_a_video_only_worker_loads_no_sdxl(tiny_models_dir: Path) -> None:

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import resource
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+# The hooks of the components the memory plan offloads (pipelines/memory.py): each job ends with them in host memory.
+OFFLOAD_HOOKS: list[Any] = []
+
 
 def release_memory() -> None:
-    """Frees what a finished job held: Python garbage first, so the CUDA allocator's blocks are really free."""
-    gc.collect()
+    """Frees what a finished job held: offloaded components back to host memory, then Python garbage, so that the
+    CUDA allocator's blocks are really free, then the allocator's cache.
+
+    Never raises: it runs in `finally`, after the job's answer is made, and an error here would replace that answer.
+    After a sticky CUDA error (an illegal address) every CUDA call fails again; the answer already says so."""
+    for step in [*(hook.offload for hook in OFFLOAD_HOOKS), gc.collect, _empty_cuda_cache]:
+        try:
+            step()
+        except Exception as error:
+            log.warning("clean-up step %s failed: %s", getattr(step, "__qualname__", step), error)
+
+
+def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+from transformers import AutoImageProcessor
 
 
 class DepthEstimator:
@@ -20,10 +20,10 @@ class DepthEstimator:
         self.model = model
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> DepthEstimator:
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForDepthEstimation.from_pretrained(folder, dtype=dtype, local_files_only=True)
-        return cls(processor, model.to(device).eval())
+    def load(cls, folder: Path, model: torch.nn.Module) -> DepthEstimator:
+        """The estimator of `model` (an AutoModelForDepthEstimation, loaded where the memory plan says) with the
+        image processor saved beside it in `folder`."""
+        return cls(AutoImageProcessor.from_pretrained(folder, local_files_only=True), model.eval())
 
     @torch.inference_mode()
     def estimate(self, image: Image.Image) -> Image.Image:

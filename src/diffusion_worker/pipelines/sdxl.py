@@ -24,6 +24,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image
+from transformers import AutoModelForDepthEstimation
 
 from ..config import Settings
 from ..errors import InvalidInput
@@ -31,6 +32,7 @@ from ..manifest import Manifest, ModelRole, Preset
 from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
+from . import memory
 from .common import cover, describe_role, output_size, seeded_generator
 from .depth import DepthEstimator
 from .loras import LoraRegistry
@@ -93,36 +95,33 @@ class SdxlFamily:
     def load(cls, settings: Settings, manifest: Manifest, placement: Placement, tasks: frozenset[str]) -> SdxlFamily:
         models_dir = settings.models_dir
         base_role, vae_role = (manifest.role(name) for name in BASE_ROLES)
-        vae = AutoencoderKL.from_pretrained(
-            vae_role.path(models_dir),
-            dtype=placement.dtype_for(vae_role.dtype),
-            local_files_only=True,
-        )
+        vae = memory.load_model(AutoencoderKL, vae_role, "vae", models_dir, placement)
+        # The fp16-fix VAE decodes in half precision as it is. With force_upcast on, diffusers would cast the shared
+        # VAE to float32 and back around every decode, and a failure in between would leave it float32 for good.
+        vae.register_to_config(force_upcast=False)
         base = StableDiffusionXLPipeline.from_pretrained(
             base_role.path(models_dir),
             vae=vae,
-            dtype=placement.dtype_for(base_role.dtype),
-            variant=_variant_in(base_role.path(models_dir), base_role.variant),
+            **memory.load_components(base_role, models_dir, placement),
             local_files_only=True,
             add_watermarker=False,
         )
-        base.to(placement.device)
         base.set_progress_bar_config(disable=True)
+        placed = [(vae_role, "vae", vae)]
+        placed += [(base_role, component.name, getattr(base, component.name)) for component in base_role.components]
         loras = LoraRegistry.scan(models_dir, "sdxl", settings.lora_cache_size)
         roles = [base_role, vae_role]
         controlnet = depth = None
         if "controlnet_depth" in tasks:
             controlnet_role, depth_role = (manifest.role(name) for name in CONTROLNET_ROLES)
-            controlnet = ControlNetModel.from_pretrained(
-                controlnet_role.path(models_dir),
-                dtype=placement.dtype_for(controlnet_role.dtype),
-                variant=_variant_in(controlnet_role.path(models_dir), controlnet_role.variant),
-                local_files_only=True,
-            ).to(placement.device)
-            depth = DepthEstimator.load(
-                depth_role.path(models_dir), placement.device, placement.dtype_for(depth_role.dtype)
+            controlnet = memory.load_model(ControlNetModel, controlnet_role, "controlnet", models_dir, placement)
+            depth_model = memory.load_model(
+                AutoModelForDepthEstimation, depth_role, "depth_estimator", models_dir, placement
             )
+            depth = DepthEstimator.load(depth_role.path(models_dir), depth_model)
+            placed += [(controlnet_role, "controlnet", controlnet), (depth_role, "depth_estimator", depth_model)]
             roles += [controlnet_role, depth_role]
+        memory.place(placed, placement)
         # A preset is served when its LoRA is here: an image may leave out LoRAs it may not redistribute.
         presets = {
             name: preset
@@ -240,10 +239,3 @@ class SdxlFamily:
         if self.controlnet is not None:
             modules += [self.controlnet, self.depth.model]
         return modules
-
-
-def _variant_in(folder: Path, variant: str | None) -> str | None:
-    """The manifest's weight variant (fp16) if the folder holds files of it, else the plain weights."""
-    if variant and any(folder.rglob(f"*.{variant}.safetensors")):
-        return variant
-    return None

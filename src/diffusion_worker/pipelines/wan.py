@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
-from transformers import CLIPVisionModel
 
 from ..config import Settings
 from ..errors import InvalidInput
 from ..manifest import Manifest, ModelRole
 from ..placement import Placement
 from ..schema import LARGEST_VIDEO_JOB, WAN_SIZE, Img2Video, Txt2Video
+from . import memory
 from .common import cover, describe_role, output_size, seeded_generator
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
@@ -71,11 +71,17 @@ class WanFamily:
         pipelines: dict[str, WanPipelines] = {}
         loras: dict[str, LoraRegistry] = {}
         roles: list[ModelRole] = []
-        for task in sorted(tasks):
+        placed: list[memory.PlacedModule] = []
+        # What each role loaded, by the digests of its files: a later role with the same bytes reuses it. Text to
+        # video first, so the smaller model's role owns what both share, as the memory plan counts it.
+        loaded: dict[str, Any] = {}
+        for task in (task for task in ROLES if task in tasks):
             role = manifest.role(ROLES[task])
-            pipelines[task] = _load_pipeline(PIPELINES[task], role, settings.models_dir, placement)
+            pipelines[task] = _load_pipeline(PIPELINES[task], role, settings.models_dir, placement, loaded)
+            placed += [(role, each.name, getattr(pipelines[task], each.name)) for each in role.components]
             loras[task] = LoraRegistry.scan(settings.models_dir, role.name, settings.lora_cache_size)
             roles.append(role)
+        memory.place(placed, placement)
         return cls(pipelines, roles, loras)
 
     def resolve(self, request: WanRequest, inputs: Mapping[str, Image.Image]) -> WanRequest:
@@ -174,24 +180,18 @@ def _tokens(pipeline: WanPipelines, width: int, height: int, num_frames: int) ->
 
 
 def _load_pipeline(
-    pipeline_class: type[WanPipelines], role: ModelRole, models_dir: Path, placement: Placement
+    pipeline_class: type[WanPipelines], role: ModelRole, models_dir: Path, placement: Placement, loaded: dict[str, Any]
 ) -> WanPipelines:
-    folder = role.path(models_dir)
-    # The VAE, and I2V's CLIP image encoder, in float32 whatever the transformer's precision, as diffusers' WAN docs
-    # recommend for decoding quality; both are small next to the transformer and the text encoder.
-    full = placement.dtype_for("float32")
-    components: dict[str, torch.nn.Module] = {
-        "vae": AutoencoderKLWan.from_pretrained(
-            folder, subfolder="vae", dtype=full, variant=role.variant, local_files_only=True
-        )
-    }
-    if pipeline_class is WanImageToVideoPipeline:
-        components["image_encoder"] = CLIPVisionModel.from_pretrained(
-            folder, subfolder="image_encoder", dtype=full, variant=role.variant, local_files_only=True
-        )
+    """The role's pipeline, built around the components and tokenizer of a role loaded before wherever the builder's
+    digests prove them byte-identical (the two WAN repos' UMT5 encoder, tokenizer and VAE), so they exist once."""
+    names = [*(component.name for component in role.components), "tokenizer"]
+    shared = memory.shared_objects(role, models_dir, loaded, names)
     pipeline = pipeline_class.from_pretrained(
-        folder, **components, dtype=placement.dtype_for(role.dtype), variant=role.variant, local_files_only=True
+        role.path(models_dir),
+        **shared,
+        **memory.load_components(role, models_dir, placement, given=shared),
+        local_files_only=True,
     )
-    pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
+    memory.remember(role, models_dir, loaded, {name: getattr(pipeline, name) for name in names})
     return pipeline
