@@ -21,6 +21,7 @@ from test_video import FAST as VIDEO
 from diffusion_worker import inputs
 from diffusion_worker.config import Settings
 from diffusion_worker.inputs import InputLimits
+from diffusion_worker.pipelines.outputs import GeneratedImage
 from diffusion_worker.pipelines.sdxl import SdxlFamily
 from diffusion_worker.runtime import Worker, _echoed_parameters
 from diffusion_worker.schema import parse_input
@@ -176,6 +177,23 @@ def test_with_an_output_dir_results_are_files_and_the_response_gives_their_paths
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         assert Path(entry["thumbnail_path"]) == folder / f"{index}.thumb.webp"
     assert json.loads(Path(response["metadata_path"]).read_text())["outputs"][1]["kind"] == "control_image"
+
+
+def test_a_blank_image_is_a_failed_decode_and_nothing_is_delivered(
+    run_job: Callable[..., dict], worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VAE that overflowed decodes to black: the job fails with INTERNAL instead of delivering it, even when the
+    image before it was fine."""
+    family = worker.families["txt2img"]
+
+    def second_black(*args: object) -> Iterator[GeneratedImage]:
+        yield GeneratedImage(image=gradient(64, 64), seed=5)
+        yield GeneratedImage(image=Image.new("RGB", (64, 64)), seed=6)
+
+    monkeypatch.setattr(family, "generate", second_black)
+    result = run_job({**IMAGE, "num_images": 2})
+    assert (result["error_code"], result["retryable"]) == ("INTERNAL", True)
+    assert "image 1 is uniformly black" in result["error"] and "images" not in result
 
 
 def test_input_images_are_echoed_by_digest_or_by_url_without_its_query(run_job: Callable[..., dict]) -> None:

@@ -249,6 +249,73 @@ def test_bomb_is_refused_from_its_header_before_any_pixel_is_decoded(monkeypatch
     assert load_image(b64(bomb), "image", LIMITS).size == (3000, 3000)
 
 
+BOMB_SIDE = 5000  # 25 megapixels: over the 4096² limit, under Pillow's own bomb levels
+
+
+def bomb(image_format: str) -> bytes:
+    """A small file of `image_format` whose header claims BOMB_SIDE × BOMB_SIDE pixels: what a decompression bomb
+    shows before its pixels are decoded."""
+    if image_format == "PNG":
+        return greyscale_png(BOMB_SIDE, BOMB_SIDE)
+    data = bytearray(encoded(Image.new("L" if image_format == "GIF" else "RGB", (8, 8)), image_format, lossless=True))
+    side = struct.pack("<H", BOMB_SIDE)
+    if image_format == "JPEG":
+        # Start of frame: marker, length, precision, then height and width, big-endian.
+        frame = data.index(b"\xff\xc0")
+        data[frame + 5 : frame + 9] = struct.pack(">HH", BOMB_SIDE, BOMB_SIDE)
+    elif image_format == "GIF":
+        # The logical screen's width and height, then the first image descriptor's.
+        data[6:10] = side * 2
+        descriptor = data.index(b",", 13)
+        data[descriptor + 5 : descriptor + 9] = side * 2
+    elif image_format == "BMP":
+        data[18:26] = struct.pack("<ii", BOMB_SIDE, BOMB_SIDE)
+    elif image_format == "WEBP":
+        # A lossless bitstream: a signature byte, then width - 1 and height - 1 in 14 bits each.
+        bits = data.index(b"VP8L") + 9
+        packed = struct.unpack("<I", data[bits : bits + 4])[0] & ~((1 << 28) - 1)
+        data[bits : bits + 4] = struct.pack("<I", packed | (BOMB_SIDE - 1) | (BOMB_SIDE - 1) << 14)
+    else:
+        assert image_format == "TIFF"
+        # The first directory's entries: tag, type, count, value; 256 and 257 are the width and the length.
+        directory = struct.unpack("<I", data[4:8])[0]
+        for entry in range(struct.unpack("<H", data[directory : directory + 2])[0]):
+            at = directory + 2 + 12 * entry
+            tag, kind = struct.unpack("<HH", data[at : at + 4])
+            if tag in (256, 257):
+                data[at + 8 : at + 12] = struct.pack("<H" if kind == 3 else "<I", BOMB_SIDE).ljust(4, b"\0")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("image_format", inputs.ACCEPTED_FORMATS)
+def test_a_bomb_in_every_accepted_format_is_refused_from_its_header(
+    image_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = bomb(image_format)
+    assert len(data) < 4096
+    with Image.open(io.BytesIO(data)) as opened:
+        assert (opened.format, opened.size) == (image_format, (BOMB_SIDE, BOMB_SIDE))
+    loads: list[object] = []
+    original_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or original_load(self))
+    assert f"{BOMB_SIDE}×{BOMB_SIDE} is over the limit of {4096 * 4096} pixels" in refused(b64(data))
+    assert loads == []
+
+
+@pytest.mark.parametrize("fault", [MemoryError, AttributeError])
+def test_a_fault_of_the_worker_while_decoding_is_not_blamed_on_the_input(
+    fault: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only what the image's bytes cause is INVALID_INPUT: running out of memory, or a bug, propagates (INTERNAL)."""
+
+    def failing(self: ImageFile.ImageFile) -> None:
+        raise fault("the worker's fault")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", failing)
+    with pytest.raises(fault):
+        load_image(b64(png_bytes()), "image", LIMITS)
+
+
 @pytest.mark.parametrize("side", [10_000, 100_000, 2**31 - 1])
 def test_pillow_bomb_check_cannot_crash_or_bypass(side: int) -> None:
     """10,000² is over Pillow's warning level, the others over its error level; all tiny on disk."""
@@ -818,3 +885,33 @@ def test_only_https(url: str, connections: list[object]) -> None:
 def test_malformed_urls(url: str, message: str, connections: list[object]) -> None:
     assert refused(url, STRICT) == f"image: {message}"
     assert connections == []
+
+
+def test_dns_rebinding_leads_nowhere_new(
+    local: Local, connections: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose DNS answer changes after the check (rebinding) is resolved once: the connection goes to the
+    address checked, never to a later, private answer; and a private first answer is refused unconnected. Private
+    addresses are refused throughout; 127.0.0.1 stands in for a public address."""
+    real = inputs.classify_address
+    monkeypatch.setattr(
+        inputs, "classify_address", lambda address: "public" if str(address) == "127.0.0.1" else real(address)
+    )
+    real_getaddrinfo = socket.getaddrinfo
+
+    def rebinding(answers: list[str]) -> None:
+        queue = iter(answers)
+
+        def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list:
+            assert host == "images.test"
+            return real_getaddrinfo(next(queue), port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    rebinding(["127.0.0.1", "10.0.0.1", "169.254.169.254"])
+    assert local.load("/image.png", STRICT).size == (12, 10)
+    assert connections == [("127.0.0.1", local.port)]
+    rebinding(["169.254.169.254", "127.0.0.1"])
+    with pytest.raises(InvalidInput, match=r"images\.test is at 169\.254\.169\.254, a link-local address"):
+        local.load("/image.png", STRICT)
+    assert connections == [("127.0.0.1", local.port)]

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # JPEG covers MPO too: Pillow's JPEG opener hands multi-picture files to the MPO plugin itself.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# What Pillow's parsers raise on damaged files (tests/test_inputs.py fuzzes them): OSError for truncated or
+# inconsistent data, SyntaxError for bad headers, ValueError, EOFError and struct.error for fields out of range.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK = 64 * 1024
@@ -179,9 +183,9 @@ def _decode(data: bytes, label: str, limits: InputLimits, failure: type[WorkerEr
         raise failure(f"{label}: over the limit of {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise failure(f"{label}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})") from None
-    # Pillow's parsers raise whatever hostile bytes trip them into (OSError, SyntaxError, ValueError, EOFError,
-    # struct.error, ...): here each means the same, an image that can't be decoded.
-    except Exception as error:
+    # What Pillow's parsers raise on bytes they can't make sense of: each means an image that can't be decoded. Any
+    # other exception (MemoryError, a bug of ours or Pillow's) is the worker's fault and is not blamed on the input.
+    except DECODE_ERRORS as error:
         raise failure(f"{label}: can't be decoded ({error or type(error).__name__})") from None
 
 

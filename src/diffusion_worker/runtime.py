@@ -127,6 +127,7 @@ class Worker:
         except WorkerError as error:
             log.warning("job %s failed: %s", job_id, error.to_response()["error"])
             return error.to_response()
+        # Whatever else a job raises is turned into a coded error here, in one place, so the handler never raises.
         except Exception as error:
             classified = _classify(error)
             log.exception("job %s failed: %s", job_id, classified.code)
