@@ -1,11 +1,22 @@
 """Real S3 servers on loopback for tests: moto in server mode over HTTP, with IAM users whose keys it can be made to
 check, and servers that misbehave the ways stores do (stopped, silent, throttling, slow).
 
+Presigned links are checked as S3 checks them. moto does not: it reads signatures from the Authorization header
+only (moto/iam/access_control.py), so with its authentication off any link opens (wrong region, expired, forged),
+and with it on every presigned link fails. s3rver (npm) checks query signatures and expiry but signs with whatever
+region the link names, so a wrong region still opens. So `s3_server` is moto behind `PresignGate`, a front of our
+own that verifies every presigned request by AWS's documented SigV4 algorithm (checked against AWS's example
+below) for the server's one region, its users' secrets and its own clock, and refuses the rest with S3's error
+codes; everything else passes through to moto unchanged.
+
 Import the fixtures where they are needed (`from s3_fixtures import s3_server, ...`). moto keeps its state per
 process, so every server here sees the same buckets and users."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import hmac
 import json
 import socket
 import threading
@@ -16,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 import boto3
 import pytest
@@ -34,6 +46,11 @@ SLOW_DOWN = (
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 )
 ALLOW_S3 = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+# Every access key the tests' servers know, with its secret: what S3 looks a presigned link's key up in.
+SECRETS: dict[str, str] = {}
+SIGV4_TIME = "%Y%m%dT%H%M%SZ"
+# RFC 3986's unreserved characters: SigV4 percent-encodes every other byte of query keys and values.
+UNRESERVED = "-_.~"
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class S3Server:
         iam.create_user(UserName=unique)
         iam.put_user_policy(UserName=unique, PolicyName="s3", PolicyDocument=ALLOW_S3)
         key = iam.create_access_key(UserName=unique)["AccessKey"]
+        SECRETS[key["AccessKeyId"]] = key["SecretAccessKey"]
         return S3Server(self.endpoint, key["AccessKeyId"], key["SecretAccessKey"])
 
     @contextmanager
@@ -99,18 +117,100 @@ class S3Server:
             response.read()
 
 
+def presigned_signature(method: str, host: str, raw_path: str, query: str, secret: str) -> str:
+    """The SigV4 signature of a presigned request (query-string authentication, signed headers `host`, unsigned
+    payload), from AWS's documentation (sigv4-query-string-auth), computed here rather than by botocore, whose links
+    it checks. `query` is the raw query string, X-Amz-Signature left out or not."""
+    pairs = [(key, value) for key, value in parse_qsl(query, keep_blank_values=True) if key != "X-Amz-Signature"]
+    parameters = dict(pairs)
+    canonical_query = "&".join(
+        f"{quote(key, safe=UNRESERVED)}={quote(value, safe=UNRESERVED)}" for key, value in sorted(pairs)
+    )
+    canonical_request = "\n".join([method, raw_path, canonical_query, f"host:{host}", "", "host", "UNSIGNED-PAYLOAD"])
+    scope = parameters["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        [
+            "AWS4-HMAC-SHA256",
+            parameters["X-Amz-Date"],
+            scope,
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        ]
+    )
+    key = f"AWS4{secret}".encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+class PresignGate:
+    """moto behind a front that checks presigned requests as S3 does; `clock_offset_s` moves the server's clock."""
+
+    def __init__(self, region: str = REGION) -> None:
+        self.region = region
+        self.clock_offset_s = 0.0
+        self.refusals: list[str] = []
+        self.moto = DomainDispatcherApplication(create_backend_app)
+        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING", "")
+        if "X-Amz-Signature=" in query:
+            refusal = self.refusal(environ["REQUEST_METHOD"], environ["HTTP_HOST"], environ["RAW_URI"], query)
+            if refusal is not None:
+                self.refusals.append(refusal[0])
+                body = f"<Error><Code>{refusal[0]}</Code><Message>{refusal[1]}</Message></Error>".encode()
+                start_response("403 Forbidden", [("Content-Type", "application/xml")])
+                return [body]
+        return self.moto(environ, start_response)
+
+    def refusal(self, method: str, host: str, raw_uri: str, query: str) -> tuple[str, str] | None:
+        """S3's error code and message for a presigned request it would refuse, or None."""
+        parameters = dict(parse_qsl(query, keep_blank_values=True))
+        access_key, date, region, service, terminal = parameters.get("X-Amz-Credential", "").split("/")
+        if parameters.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or (service, terminal) != ("s3", "aws4_request"):
+            return "AuthorizationQueryParametersError", "only AWS4-HMAC-SHA256 for s3"
+        if region != self.region:
+            return "AuthorizationQueryParametersError", f"the region '{region}' is wrong; expecting '{self.region}'"
+        if access_key not in SECRETS:
+            return "InvalidAccessKeyId", "the access key is not known"
+        signed_at = datetime.datetime.strptime(parameters["X-Amz-Date"], SIGV4_TIME).replace(tzinfo=datetime.UTC)
+        expires = signed_at + datetime.timedelta(seconds=int(parameters["X-Amz-Expires"]))
+        now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.clock_offset_s)
+        if date != parameters["X-Amz-Date"][:8] or now > expires:
+            return "AccessDenied", "Request has expired"
+        path = raw_uri.split("?", 1)[0]
+        expected = presigned_signature(method, host, path, query, SECRETS[access_key])
+        if not hmac.compare_digest(expected, parameters["X-Amz-Signature"]):
+            return "SignatureDoesNotMatch", "the signature does not match"
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join()
+
+
 @pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3Server]:
-    """moto's S3 over HTTP on 127.0.0.1, with an IAM user whose keys the tests use."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+def presign_gate() -> Iterator[PresignGate]:
+    gate = PresignGate()
     try:
-        host, port = server.get_host_and_port()
-        # Any key works until auth is enforced: the bootstrap key only creates the real user.
-        bootstrap = S3Server(f"http://{host}:{port}", "AKIABOOTSTRAP0000000", "bootstrap")
-        yield bootstrap.add_user("worker")
+        yield gate
     finally:
-        server.stop()
+        gate.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server(presign_gate: PresignGate) -> S3Server:
+    """moto's S3 (and IAM, and its own API) over HTTP on 127.0.0.1 behind the presign gate, with an IAM user whose
+    keys the tests use."""
+    # Any key works until auth is enforced: the bootstrap key only creates the real user.
+    bootstrap = S3Server(presign_gate.endpoint, "AKIABOOTSTRAP0000000", "bootstrap")
+    return bootstrap.add_user("worker")
 
 
 @pytest.fixture

@@ -87,6 +87,18 @@ def test_with_a_bucket_every_tasks_assets_thumbnails_and_metadata_land(
     result = json.loads(metadata)
     assert (result["job_id"], result["seed"], result["parameters"]) == (job_id, 5, response["parameters"])
     assert [output["sha256"] for output in result["outputs"]] == [entry["sha256"] for entry in assets_of(response)]
+    # What the store holds, read back object by object: result.json as stored, and every object it describes hashed
+    # against it; nothing else in the job's folder but their thumbnails.
+    stored = {
+        item["Key"]: store.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        for item in store.list_objects_v2(Bucket=bucket, Prefix=f"runs/{job_id}/")["Contents"]
+    }
+    assert json.loads(stored.pop(f"runs/{job_id}/result.json")) == result
+    for index, output in enumerate(result["outputs"]):
+        data = stored.pop(f"runs/{job_id}/{index}.{output['format']}")
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (output["bytes"], output["sha256"])
+        assert stored.pop(f"runs/{job_id}/{index}.thumb.webp").startswith(b"RIFF")
+    assert stored == {}
     assert {"inference_s", "encode_s", "total_s"} <= result["timings"].keys()
     assert all(model["revision"] for model in result["models"])
     # Nothing about the bucket, and no secret, reaches the response beyond the links.

@@ -28,7 +28,7 @@ from diffusion_worker.storage import Asset, Sink, bucket_for_job, open_sink
 
 if TYPE_CHECKING:
     # Only for annotations: pytest imports the module itself, as a plugin, so that its asserts are rewritten.
-    from s3_fixtures import S3Server
+    from s3_fixtures import PresignGate, S3Server
 
 # Every file starts with it, so a log that printed any file's bytes or base64 would show it. 18 bytes: its base64
 # is the same whatever follows.
@@ -140,6 +140,56 @@ def test_results_land_with_their_keys_bytes_and_types(s3_server: S3Server, caplo
     assert lines[0].levelno == logging.INFO
     assert "6 objects" in lines[0].getMessage()
     assert str(sum(len(file.data) for file in expected.values()) + len(body)) in lines[0].getMessage()
+
+
+def test_the_gate_signs_as_aws_documents() -> None:
+    """AWS's own example of a presigned GET (sigv4-query-string-auth): the gate computes its signature."""
+    from s3_fixtures import presigned_signature
+
+    query = (
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2F"
+        "aws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host"
+    )
+    signature = presigned_signature(
+        "GET", "examplebucket.s3.amazonaws.com", "/test.txt", query, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    )
+    assert signature == "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+
+
+def refusal_of(url: str) -> str:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fetch(url)
+    assert refused.value.code == 403
+    return refused.value.read().decode()
+
+
+def test_presigned_links_open_only_when_signed_for_the_stores_region_key_and_time(
+    s3_server: S3Server, presign_gate: PresignGate
+) -> None:
+    name = s3_server.create_bucket("results-signed")
+    file = asset("png", seed=21)
+    jobs = iter(range(10))
+
+    def link(**changes: Any) -> str:
+        sink = open_sink(s3_server.bucket(name, **changes), f"job-signed-{next(jobs)}", 1024)
+        return deliver(sink, [(file, None)])[0]["url"]
+
+    good = link(presign_expires_s=60)
+    assert fetch(good) == (file.data, file.mime)
+    # Signed for another region than the store's: S3 names the one it expects.
+    wrong_region = refusal_of(link(region="eu-west-1"))
+    assert "AuthorizationQueryParametersError" in wrong_region and "'eu-west-1' is wrong" in wrong_region
+    # Signed with a secret that is not the key's.
+    assert "SignatureDoesNotMatch" in refusal_of(link(secret_access_key="not-the-secret"))
+    # The signature covers the path: it opens no other object.
+    assert "SignatureDoesNotMatch" in refusal_of(good.replace("/0.png?", "/result.json?"))
+    # Past its expiry by the store's clock.
+    presign_gate.clock_offset_s = 61
+    try:
+        assert "Request has expired" in refusal_of(good)
+    finally:
+        presign_gate.clock_offset_s = 0
+    assert fetch(good) == (file.data, file.mime)
 
 
 def test_public_base_gives_plain_links_under_it(s3_server: S3Server) -> None:
