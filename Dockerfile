@@ -40,7 +40,7 @@ COPY builder/fetch_models.py builder/hub_files.py builder/
 RUN HF_HOME=/tmp/hf-home PYTHONPATH=src python builder/fetch_models.py --models-dir /models \
         --preset "$PRESET" --roles "$MODEL_ROLES" --loras "$EXTRA_LORAS" \
     && rm -rf /tmp/hf-home \
-    && mkdir -p /models/sdxl-base /models/sdxl-vae-fp16-fix /models/controlnet-depth-sdxl \
+    && mkdir -p /models/sdxl-base /models/sdxl-vae-fp16-fix /models/sdxl-refiner /models/controlnet-depth-sdxl \
         /models/depth-anything-v2-small /models/wan2.1-t2v-1.3b /models/wan2.1-i2v-14b-480p /models/loras
 
 # --- the worker ---------------------------------------------------------------------------------------------------
@@ -48,6 +48,7 @@ FROM base AS worker
 # One layer per role, first: dependency and code changes below leave them cached locally and in the registry.
 COPY --from=weights /models/sdxl-base /models/sdxl-base
 COPY --from=weights /models/sdxl-vae-fp16-fix /models/sdxl-vae-fp16-fix
+COPY --from=weights /models/sdxl-refiner /models/sdxl-refiner
 COPY --from=weights /models/controlnet-depth-sdxl /models/controlnet-depth-sdxl
 COPY --from=weights /models/depth-anything-v2-small /models/depth-anything-v2-small
 COPY --from=weights /models/wan2.1-t2v-1.3b /models/wan2.1-t2v-1.3b

@@ -26,6 +26,7 @@ from diffusers import (
     AutoencoderKLWan,
     ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -85,7 +86,7 @@ def seeded(seed: int, build: Callable[[], Module]) -> Module:
 # --- SDXL -------------------------------------------------------------------------------------------------------
 
 
-def sdxl_unet() -> UNet2DConditionModel:
+def sdxl_unet(cross_attention_dim: int = SDXL_CROSS_ATTENTION, time_ids: int = 6) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=SDXL_SAMPLE_SIZE,
         in_channels=4,
@@ -97,10 +98,26 @@ def sdxl_unet() -> UNet2DConditionModel:
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
-        cross_attention_dim=SDXL_CROSS_ATTENTION,
+        cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + CLIP_HIDDEN,
+        projection_class_embeddings_input_dim=time_ids * SDXL_TIME_EMBED + CLIP_HIDDEN,
+    )
+
+
+def sdxl_refiner_unet() -> UNet2DConditionModel:
+    # The refiner attends to text encoder 2's hidden states alone (1280 wide in the real one, not 768 + 1280), and
+    # embeds five time ids (original size, crop, aesthetic score) instead of six (original size, crop, target size).
+    return sdxl_unet(cross_attention_dim=CLIP_HIDDEN, time_ids=5)
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     )
 
 
@@ -146,13 +163,7 @@ def build_sdxl(folder: Path, role: ModelRole) -> None:
             text_encoder=seeded(1, lambda: CLIPTextModel(clip_text_config(pads["tokenizer"]))),
             text_encoder_2=seeded(2, lambda: CLIPTextModelWithProjection(clip_text_config(pads["tokenizer_2"]))),
             unet=seeded(3, sdxl_unet),
-            scheduler=EulerDiscreteScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                steps_offset=1,
-                timestep_spacing="leading",
-            ),
+            scheduler=sdxl_scheduler(),
             image_encoder=None,
             feature_extractor=None,
             force_zeros_for_empty_prompt=True,
@@ -165,6 +176,27 @@ def build_sdxl(folder: Path, role: ModelRole) -> None:
         for name in pads:
             shutil.rmtree(folder / name)
             shutil.copytree(Path(scratch, name), folder / name)
+
+
+def build_sdxl_refiner(folder: Path, role: ModelRole) -> None:
+    """The refiner repo's layout: a pipeline with no first text encoder. The builder then drops the components the
+    worker takes from the base (text encoder 2, its tokenizer, the VAE, the scheduler), as the download does; the
+    tiny base's text encoder 2 (seed 2) is what the tiny refiner UNet is made to read."""
+    with tempfile.TemporaryDirectory() as scratch:
+        write_clip_tokenizer(Path(scratch), "!")
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            vae=seeded(5, lambda: sdxl_vae(force_upcast=False)),
+            text_encoder=None,
+            text_encoder_2=seeded(2, lambda: CLIPTextModelWithProjection(clip_text_config("!"))),
+            tokenizer=None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(scratch),
+            unet=seeded(8, sdxl_refiner_unet),
+            scheduler=sdxl_scheduler(),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+        pipeline.save_pretrained(folder, variant=role.variant)
 
 
 def build_sdxl_vae(folder: Path, role: ModelRole) -> None:
@@ -324,6 +356,7 @@ def build_wan_i2v(folder: Path, role: ModelRole) -> None:
 ROLE_BUILDERS: dict[str, Callable[[Path, ModelRole], None]] = {
     "sdxl": build_sdxl,
     "sdxl_vae": build_sdxl_vae,
+    "sdxl_refiner": build_sdxl_refiner,
     "controlnet_depth": build_controlnet,
     "depth_estimator": build_depth_estimator,
     "wan_t2v": build_wan_t2v,

@@ -57,9 +57,11 @@ def test_the_issues_weight_totals() -> None:
     def total(tasks: tuple[str, ...]) -> int:
         return sum(w.nbytes for w in weights_from_manifest(MANIFEST, tasks))
 
-    # The UMT5 encoder and VAE shared by the two WAN models count once: 71.4 GB less 11.87 GB.
-    assert total(IMAGE_TASKS) == 24_246_000_000
-    assert total(ALL_TASKS) == 71_428_000_000 - 11_868_000_000
+    # The UMT5 encoder and VAE shared by the two WAN models count once: 71.4 GB less 11.87 GB. The SDXL refiner adds
+    # its UNet (4.52 GB) and nothing else: it runs on the base's text encoder 2 and VAE.
+    refiner = 4_520_000_000
+    assert total(IMAGE_TASKS) == 24_246_000_000 + refiner
+    assert total(ALL_TASKS) == 71_428_000_000 - 11_868_000_000 + refiner
 
 
 @pytest.mark.parametrize("tasks", [ALL_TASKS, IMAGE_TASKS], ids=["all-roles", "default-image"])
@@ -86,7 +88,9 @@ def test_all_resident_where_it_fits() -> None:
 
 
 def test_on_a_24_gib_card_the_text_encoder_goes_first_and_the_denoisers_stay() -> None:
-    plan = plan_for(24, IMAGE_TASKS)
+    # The default image's roles: the optional SDXL refiner is not among them.
+    manifest = replace(MANIFEST, roles={name: role for name, role in MANIFEST.roles.items() if name != "sdxl_refiner"})
+    plan = make_plan(24 * GIB, weights_from_manifest(manifest, IMAGE_TASKS), IMAGE_TASKS)
     assert plan.placement_of("wan_t2v", "text_encoder") == OFFLOADED
     for role, name in [("sdxl", "unet"), ("wan_t2v", "transformer"), ("controlnet_depth", "controlnet")]:
         assert plan.placement_of(role, name) == RESIDENT
@@ -128,9 +132,10 @@ def run_cli(*arguments: str) -> str:
 def test_cli_prints_the_plan_as_json_and_text_without_torch() -> None:
     plan = json.loads(run_cli("--gpu-gib", "24", "--tasks", "txt2img,txt2video", "--json"))
     assert plan["gpu_bytes"] == 24 * GIB
+    # The manifest's every role, the SDXL refiner's UNet (4.2 GiB) included: encoders and VAEs make room for it.
     assert {task: facts["served"] for task, facts in plan["tasks"].items()} == {
-        "txt2img": "all resident",
-        "txt2video": "wan_t2v/text_encoder offloaded",
+        "txt2img": "sdxl/text_encoder offloaded, sdxl/text_encoder_2 offloaded",
+        "txt2video": "wan_t2v/text_encoder offloaded, wan_t2v/vae offloaded",
     }
     assert [c["component"] for c in plan["components"]][:3] == ["unet", "text_encoder", "text_encoder_2"]
     text = run_cli("--gpu-gib", "8")
@@ -155,6 +160,7 @@ def loaded_modules(worker) -> dict[tuple[str, str], torch.nn.Module]:
     wan = worker.families["txt2video"]
     modules = {("sdxl_vae", "vae"): sdxl.base.vae, ("controlnet_depth", "controlnet"): sdxl.controlnet}
     modules[("depth_estimator", "depth_estimator")] = sdxl.depth.model
+    modules[("sdxl_refiner", "unet")] = sdxl.refiner_unet
     for name in ("unet", "text_encoder", "text_encoder_2"):
         modules[("sdxl", name)] = getattr(sdxl.base, name)
     for task, role in (("txt2video", "wan_t2v"), ("img2video", "wan_i2v")):

@@ -64,6 +64,9 @@ def test_task_defaults_to_txt2img_and_fields_to_the_contract() -> None:
         "num_images": 1,
         "output_format": "png",
         "output_quality": 90,
+        "refiner": False,
+        "high_noise_frac": 0.8,
+        "refiner_inference_steps": None,
     }
 
 

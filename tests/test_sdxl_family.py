@@ -430,7 +430,8 @@ def test_info_lists_the_tasks_models_and_loras(run_job: Callable[..., dict]) -> 
     sdxl = sdxl_info(info)
     assert sdxl["loras"] == LORA_NAMES
     manifest = load_manifest()
-    assert [model["role"] for model in sdxl["models"]] == ["sdxl", "sdxl_vae", "controlnet_depth", "depth_estimator"]
+    roles = ["sdxl", "sdxl_vae", "controlnet_depth", "depth_estimator", "sdxl_refiner"]
+    assert [model["role"] for model in sdxl["models"]] == roles
     for model in sdxl["models"]:
         assert model["revision"] == manifest.role(model["role"]).revision
 

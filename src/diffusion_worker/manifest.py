@@ -54,10 +54,15 @@ class ModelRole:
     def component(self, name: str) -> Component:
         return next(component for component in self.components if component.name == name)
 
+    @property
+    def single_model(self) -> bool:
+        """A repo of one model, at the top of its folder. A pipeline repo keeps each model in a subfolder, even when
+        the worker takes only one of them (the SDXL refiner's UNet)."""
+        return len(self.components) == 1 and not self.skip_components
+
     def component_path(self, models_dir: Path, component: Component) -> Path:
-        """A role of one component keeps it at the top of its folder; a role of several, each in its subfolder."""
         folder = self.path(models_dir)
-        return folder if len(self.components) == 1 else folder / component.name
+        return folder if self.single_model else folder / component.name
 
     def recorded_digests(self, models_dir: Path) -> dict[str, str]:
         """A digest per subfolder (and, for a role of one component, of the folder's own files under the
@@ -71,7 +76,7 @@ class ModelRole:
             group, in_subfolder, inner = name.partition("/")
             if in_subfolder:
                 key, relative = group, inner
-            elif len(self.components) == 1:
+            elif self.single_model:
                 key, relative = self.components[0].name, name
             else:
                 continue

@@ -13,6 +13,8 @@ estimated from the largest job the task accepts. The estimates (real models, run
 whose memory grows linearly with the tokens):
 - SDXL denoising: 1.5 KiB per output pixel (about 1.5 GiB at 1024² with classifier-free guidance's batch of 2),
   half as much again with the depth ControlNet beside the UNet.
+- SDXL refiner (`refiner: true`): its UNet denoises after the base's, a stage of its own with the base's
+  denoising activations.
 - SDXL decode: 3 KiB per output pixel untiled (about 3 GiB at 1024²); tiled, one 1024² tile at a time.
 - WAN denoising: per transformer token (latent frames × latent rows × latent columns / 2×2 patches), two FFN
   hidden rows and eight model-width rows in bf16; the conditional and unconditional passes run one after the other.
@@ -52,8 +54,11 @@ TASK_ROLES = {
     "txt2video": ("wan_t2v",),
     "img2video": ("wan_i2v",),
 }
+# Roles a task uses where the worker has them: the SDXL refiner's UNet, for `refiner: true`.
+OPTIONAL_TASK_ROLES = {"txt2img": ("sdxl_refiner",), "img2img": ("sdxl_refiner",)}
 # Where a component runs in a job: encoders once before denoising, denoisers at every step, the VAE once after.
-STAGES = ("encode", "denoise", "decode")
+# The refiner's UNet denoises after the base's, never beside it: a stage of its own.
+STAGES = ("encode", "denoise", "refine", "decode")
 DENOISERS = frozenset({"unet", "transformer", "controlnet"})
 RESERVE_BYTES = 3 * GIB // 2
 RESIDENT, OFFLOADED, STREAMED, NOT_SERVED = "resident", "offloaded", "streamed", "not served"
@@ -77,9 +82,9 @@ BF16 = 2
 FLOAT32 = 4
 
 
-def stage_of(name: str) -> str:
+def stage_of(name: str, role: str = "") -> str:
     if name in DENOISERS:
-        return "denoise"
+        return "refine" if role in OPTIONAL_TASK_ROLES["txt2img"] else "denoise"
     return "decode" if name == "vae" else "encode"
 
 
@@ -97,12 +102,12 @@ class Weights:
 
     @property
     def stage(self) -> str:
-        return stage_of(self.name)
+        return stage_of(self.name, self.role)
 
     @property
     def offload_rank(self) -> int:
         """Encoders are offloaded first, then VAEs, then denoisers."""
-        return {"encode": 0, "decode": 1, "denoise": 2}[self.stage]
+        return {"encode": 0, "decode": 1, "denoise": 2, "refine": 2}[self.stage]
 
 
 @dataclass(frozen=True)
@@ -181,14 +186,16 @@ def job_peak(task: str) -> JobPeak:
         tiled = WAN_DECODE_BYTES_PER_PIXEL * WAN_TILE**2 + width * height * frames * 3 * FLOAT32
         return JobPeak(
             f"{width}×{height}×{frames}",
-            {"encode": 0, "denoise": denoise, "decode": math.ceil(max(untiled, tiled))},
+            {"encode": 0, "denoise": denoise, "refine": 0, "decode": math.ceil(max(untiled, tiled))},
         )
     side = SDXL_SIZE[1]
     denoise = SDXL_DENOISE_BYTES_PER_PIXEL * side**2
     if task == "controlnet_depth":
         denoise += int(denoise * SDXL_CONTROLNET_SHARE)
     decode = SDXL_DECODE_BYTES_PER_PIXEL * min(side, SDXL_TILE) ** 2 + side**2 * 3 * FLOAT32
-    return JobPeak(f"{side}×{side}", {"encode": 0, "denoise": denoise, "decode": decode})
+    # The refiner's stage (txt2img, img2img) works on the same latents as the base's UNet alone.
+    refine = SDXL_DENOISE_BYTES_PER_PIXEL * side**2 if task in OPTIONAL_TASK_ROLES else 0
+    return JobPeak(f"{side}×{side}", {"encode": 0, "denoise": denoise, "refine": refine, "decode": decode})
 
 
 # --- the decision --------------------------------------------------------------------------------------------
@@ -284,12 +291,17 @@ def _how_served(placements: dict[str, str], weights: tuple[Weights, ...], task: 
 
 
 def _collect(
-    manifest: Manifest, tasks: Iterable[str], size_and_key: Callable[[Component], tuple[int, str]]
+    manifest: Manifest,
+    tasks: Iterable[str],
+    size_and_key: Callable[[Component], tuple[int, str]],
+    has_role: Callable[[str], bool],
 ) -> list[Weights]:
-    """One `Weights` per distinct component the tasks need, in the order the tasks name them."""
+    """One `Weights` per distinct component the tasks need, in the order the tasks name them; an optional role's
+    where `has_role`."""
     found: dict[str, Weights] = {}
     for task in _in_order(tasks):
-        for role_name in TASK_ROLES[task]:
+        optional = [name for name in OPTIONAL_TASK_ROLES.get(task, ()) if has_role(name)]
+        for role_name in [*TASK_ROLES[task], *optional]:
             for component in manifest.role(role_name).components:
                 nbytes, key = size_and_key(component)
                 alias = f"{component.role}/{component.name}"
@@ -310,7 +322,7 @@ def weights_from_manifest(manifest: Manifest, tasks: Iterable[str]) -> list[Weig
         source = manifest.role(component.same_as).component(component.name) if component.same_as else component
         return source.nbytes, f"{source.role}/{source.name}"
 
-    return _collect(manifest, tasks, size_and_key)
+    return _collect(manifest, tasks, size_and_key, lambda name: name in manifest.roles)
 
 
 def weights_from_files(
@@ -326,7 +338,12 @@ def weights_from_files(
         nbytes = component_bytes(folder, role.variant, runtime_dtype(component.dtype))
         return nbytes, f"sha256:{digest}" if digest else f"{role.name}/{component.name}"
 
-    return _collect(manifest, tasks, size_and_key)
+    return _collect(
+        manifest,
+        tasks,
+        size_and_key,
+        lambda name: name in manifest.roles and manifest.role(name).is_complete(models_dir),
+    )
 
 
 # --- the command line ----------------------------------------------------------------------------------------

@@ -116,12 +116,29 @@ class _ImageGeneration(_Generation):
 
 class Txt2Img(_ImageGeneration):
     task: Literal["txt2img"] = "txt2img"
+    refiner: bool = False
+    # Below 1: at 1 the base would run every step and leave the refiner nothing to do.
+    high_noise_frac: float = Field(default=0.8, ge=0.5, lt=1)
+    refiner_inference_steps: int | None = Field(default=None, ge=1, le=150)
+
+    @model_validator(mode="after")
+    def _refiner_fields(self) -> Txt2Img:
+        if self.refiner_inference_steps is not None and not self.refiner:
+            raise _FieldError("refiner_inference_steps", "applies only with `refiner: true`")
+        return self
 
 
 class Img2Img(_ImageGeneration):
     task: Literal["img2img"]
     image: str = Field(min_length=1)
     strength: float = Field(default=0.6, gt=0, le=1)
+    refiner: bool = False
+
+    @model_validator(mode="after")
+    def _refiner_runs_alone(self) -> Img2Img:
+        if self.refiner and (self.loras or self.preset):
+            raise _FieldError("refiner", "img2img on the refiner takes no `loras` or `preset`: they fit the base model")
+        return self
 
 
 class ControlNetDepth(_ImageGeneration):

@@ -22,12 +22,13 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image
 from transformers import AutoModelForDepthEstimation
 
 from ..config import Settings
-from ..errors import InvalidInput
+from ..errors import InvalidInput, TaskUnavailable
 from ..manifest import Manifest, ModelRole, Preset
 from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
@@ -37,6 +38,8 @@ from .common import cover, describe_role, output_size, seeded_generator
 from .depth import DepthEstimator
 from .loras import LoraRegistry
 from .outputs import GeneratedImage
+from .refiner import ROLE as REFINER_ROLE
+from .refiner import check_handoff, refiner_pipeline
 from .schedulers import build_scheduler, scheduler_name_of
 
 DEFAULT_STEPS = 30
@@ -65,6 +68,7 @@ class SdxlFamily:
         controlnet: ControlNetModel | None = None,
         depth: DepthEstimator | None = None,
         presets: Mapping[str, Preset] | None = None,
+        refiner_unet: UNet2DConditionModel | None = None,
     ) -> None:
         self.base = base
         self.roles = roles
@@ -72,6 +76,7 @@ class SdxlFamily:
         self.tasks = tasks
         self.loras = loras
         self.presets = dict(presets or {})
+        self.refiner_unet = refiner_unet
         self.controlnet = controlnet
         self.depth = depth
         self.default_scheduler = scheduler_name_of(base.scheduler)
@@ -121,6 +126,13 @@ class SdxlFamily:
             depth = DepthEstimator.load(depth_role.path(models_dir), depth_model)
             placed += [(controlnet_role, "controlnet", controlnet), (depth_role, "depth_estimator", depth_model)]
             roles += [controlnet_role, depth_role]
+        # Optional: a worker without it serves everything but `refiner: true`.
+        refiner_unet = None
+        if REFINER_ROLE in manifest.roles and manifest.role(REFINER_ROLE).is_complete(models_dir):
+            refiner_role = manifest.role(REFINER_ROLE)
+            refiner_unet = memory.load_model(UNet2DConditionModel, refiner_role, "unet", models_dir, placement)
+            placed.append((refiner_role, "unet", refiner_unet))
+            roles.append(refiner_role)
         memory.place(placed, placement)
         # A preset is served when its LoRA is here: an image may leave out LoRAs it may not redistribute.
         presets = {
@@ -128,7 +140,7 @@ class SdxlFamily:
             for name, preset in manifest.presets.items()
             if preset.family == "sdxl" and (preset.lora is None or preset.lora in loras.files)
         }
-        return cls(base, roles, placement, tasks, loras, controlnet, depth, presets)
+        return cls(base, roles, placement, tasks, loras, controlnet, depth, presets, refiner_unet)
 
     def resolve(self, request: SdxlRequest, inputs: Mapping[str, Image.Image]) -> SdxlRequest:
         """Fills what the request left to the preset's or the model's defaults, so `parameters` shows what really
@@ -140,6 +152,8 @@ class SdxlFamily:
         width, height = output_size(
             request.width, request.height, source, (self.default_size, self.default_size), SDXL_SIZE
         )
+        if getattr(request, "refiner", False) and self.refiner_unet is None:
+            raise TaskUnavailable(f"refiner: this worker has no SDXL refiner (manifest role {REFINER_ROLE})")
         steps = request.num_inference_steps or DEFAULT_STEPS
         # img2img denoises the last int(steps × strength) steps only: none would leave the input image unchanged.
         if isinstance(request, Img2Img) and int(steps * request.strength) < 1:
@@ -147,7 +161,7 @@ class SdxlFamily:
                 f"strength: {request.strength} × num_inference_steps {steps} leaves no step to run; "
                 "their product must be at least 1"
             )
-        return request.model_copy(
+        resolved = request.model_copy(
             update={
                 "width": width,
                 "height": height,
@@ -156,6 +170,18 @@ class SdxlFamily:
                 "scheduler": request.scheduler or self.default_scheduler,
             }
         )
+        if isinstance(resolved, Txt2Img) and resolved.refiner:
+            refiner_steps = resolved.refiner_inference_steps or steps
+            check_handoff(
+                resolved.scheduler,
+                self.base.scheduler.config,
+                self._scheduler_config(resolved),
+                steps,
+                refiner_steps,
+                resolved.high_noise_frac,
+            )
+            resolved = resolved.model_copy(update={"refiner_inference_steps": refiner_steps})
+        return resolved
 
     def generate(self, request: SdxlRequest, seed: int, inputs: Mapping[str, Image.Image]) -> Iterator[GeneratedImage]:
         """Yields image k from seed + k, one at a time, so the caller encodes and uploads while the next denoises;
@@ -180,21 +206,39 @@ class SdxlFamily:
             }
         else:
             arguments = {"width": request.width, "height": request.height}
+        scheduler_config = self._scheduler_config(request)
+        pipeline = self.pipeline_for(request.task, request.scheduler, scheduler_config)
+        refiner = None
+        if getattr(request, "refiner", False):
+            refiner = refiner_pipeline(self.base, self.refiner_unet, request.scheduler, scheduler_config)
         preset = self.presets[request.preset] if request.preset else None
-        pipeline = self.pipeline_for(request.task, request.scheduler, preset.scheduler_config if preset else None)
         with self.loras.applied(pipeline, [*preset_loras(preset), *request.loras]):
             for index in range(request.num_images):
                 image_seed = seed + index
-                output = pipeline(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt or None,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    generator=seeded_generator(image_seed),
-                    output_type="pil",
-                    **arguments,
-                )
-                yield GeneratedImage(image=output.images[0], seed=image_seed)
+                common = {
+                    "prompt": request.prompt,
+                    "negative_prompt": request.negative_prompt or None,
+                    "num_inference_steps": request.num_inference_steps,
+                    "guidance_scale": request.guidance_scale,
+                    "generator": seeded_generator(image_seed),
+                }
+                if refiner is None:
+                    image = pipeline(**common, output_type="pil", **arguments).images[0]
+                elif isinstance(request, Img2Img):
+                    # The refiner alone refines the input image, as worker-sdxl's `image_url` does.
+                    image = refiner(**common, output_type="pil", **arguments).images[0]
+                else:
+                    # The base stops at high_noise_frac and hands its latents, noise left in, to the refiner.
+                    latents = pipeline(
+                        **common, denoising_end=request.high_noise_frac, output_type="latent", **arguments
+                    ).images
+                    image = refiner(
+                        **{**common, "num_inference_steps": request.refiner_inference_steps},
+                        image=latents,
+                        denoising_start=request.high_noise_frac,
+                        output_type="pil",
+                    ).images[0]
+                yield GeneratedImage(image=image, seed=image_seed)
         if control_image is not None and request.return_control_image:
             yield GeneratedImage(image=control_image, seed=seed, kind="control_image")
 
@@ -217,6 +261,10 @@ class SdxlFamily:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    def _scheduler_config(self, request: SdxlRequest) -> Mapping[str, Any] | None:
+        """The job's scheduler config changes: its preset's, if any."""
+        return self.presets[request.preset].scheduler_config if request.preset else None
+
     def _control_image(self, inputs: Mapping[str, Image.Image], size: tuple[int, int]) -> Image.Image:
         """A given depth map fitted to the output size as it is, or one estimated from the fitted `image`."""
         if "control_image" in inputs:
@@ -232,10 +280,13 @@ class SdxlFamily:
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),
             "loras": self.loras.names,
             "presets": {name: describe_preset(preset) for name, preset in sorted(self.presets.items())},
+            "refiner": self.refiner_unet is not None,
         }
 
     def weight_modules(self) -> list[torch.nn.Module]:
         modules = [self.base.unet, self.base.vae, self.base.text_encoder, self.base.text_encoder_2]
         if self.controlnet is not None:
             modules += [self.controlnet, self.depth.model]
+        if self.refiner_unet is not None:
+            modules.append(self.refiner_unet)
         return modules
