@@ -152,7 +152,8 @@ def test_each_model_folder_is_a_layer_of_its_own_ahead_of_any_code() -> None:
         for keyword, arguments in worker.instructions
     ]
     weight_copies = [sources for source_stage, sources, _ in worker.copies() if source_stage == "weights"]
-    assert sorted(source for sources in weight_copies for source in sources) == MODEL_FOLDERS
+    copied = sorted(source for sources in weight_copies for source in sources)
+    assert copied == MODEL_FOLDERS, "each manifest role's folder needs a COPY --from=weights of its own"
     assert all(len(sources) == 1 for sources in weight_copies)
     # Nothing that changes with the code or the dependencies comes before a weight layer.
     first_other = next(index for index, kind in enumerate(kinds) if kind != "weights")
@@ -160,7 +161,7 @@ def test_each_model_folder_is_a_layer_of_its_own_ahead_of_any_code() -> None:
     # The weights stage creates every folder, baked or not, so each COPY --from has a source.
     runs = [arguments for keyword, arguments in stage("weights").instructions if keyword == "RUN"]
     (fetch,) = [arguments for arguments in runs if "fetch_models" in arguments]
-    assert all(folder in fetch.split() for folder in MODEL_FOLDERS)
+    assert set(MODEL_FOLDERS) <= set(fetch.split()), "the weights stage's mkdir must name every role's folder"
 
 
 def test_the_weights_stage_holds_everything_fetching_imports(tmp_path: Path) -> None:
