@@ -55,7 +55,7 @@ def baseline(tiny_models_dir: Path) -> tuple[str, str]:
     fresh = SdxlFamily.load(settings, load_manifest(), Placement.from_settings(settings), SdxlFamily.TASKS)
     request = fresh.resolve(parse_input(BASELINE), {})
     [output] = fresh.generate(request, BASELINE["seed"], {})
-    png = encode_image(output.image, "png", request.output_quality)
+    png = encode_image(output.image, "png", request.output_quality, settings.png_compress_level)
     return hashlib.sha256(png.data).hexdigest(), weights_digest(fresh.weight_modules())
 
 

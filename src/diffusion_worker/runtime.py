@@ -32,7 +32,7 @@ from .errors import (
 from .hygiene import memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
 from .manifest import Manifest, load_manifest
-from .media import check_not_blank, encode_image, encode_thumbnail, encode_video
+from .media import check_not_blank, encode_image, encode_video, start_thumbnail
 from .pipelines.outputs import GeneratedImage, GeneratedVideo
 from .pipelines.sdxl import SdxlFamily
 from .pipelines.wan import WanFamily
@@ -169,7 +169,9 @@ class Worker:
             ):
                 for index, output in enumerate(_timed(generated, timings)):
                     began = time.perf_counter()
-                    asset, thumbnail, facts = _encode(output, request, index, Path(scratch))
+                    asset, thumbnail, facts = _encode(
+                        output, request, index, Path(scratch), self.settings.png_compress_level
+                    )
                     timings.encode_s += time.perf_counter() - began
                     sink.put(index, asset, thumbnail)
                     described.append((output.kind, facts))
@@ -238,25 +240,23 @@ def _timed(generated: Iterator[Any], timings: Timings) -> Iterator[Any]:
 
 
 def _encode(
-    output: GeneratedImage | GeneratedVideo, request: GenerationRequest, index: int, scratch: Path
+    output: GeneratedImage | GeneratedVideo, request: GenerationRequest, index: int, scratch: Path, png_level: int
 ) -> tuple[Asset, Asset | None, dict]:
     """Checks and encodes one output, returning its file, its thumbnail and the facts the response lists."""
     extra: dict[str, int] = {}
+    picture = output.middle_frame if isinstance(output, GeneratedVideo) else output.image
+    thumbnail = start_thumbnail(picture, request.thumbnail_size) if request.thumbnail_size else None
     if isinstance(output, GeneratedVideo):
         check_not_blank(output.frames, f"video {index}")
         asset = encode_video(output.frames, output.fps, scratch)
-        picture = output.middle_frame
         extra = {"num_frames": len(output.frames), "fps": output.fps}
     elif output.kind == "image":
         check_not_blank(output.image, f"image {index}")
-        asset = encode_image(output.image, request.output_format, request.output_quality)
-        picture = output.image
+        asset = encode_image(output.image, request.output_format, request.output_quality, png_level)
     else:
         # A depth map is data, not a picture: always lossless, and uniform where the scene is flat, so not checked
         # for blankness.
-        asset = encode_image(output.image, "png", request.output_quality)
-        picture = output.image
-    thumbnail = encode_thumbnail(picture, request.thumbnail_size) if request.thumbnail_size else None
+        asset = encode_image(output.image, "png", request.output_quality, png_level)
     facts = {
         "width": picture.width,
         "height": picture.height,
@@ -266,7 +266,7 @@ def _encode(
         "sha256": hashlib.sha256(asset.data).hexdigest(),
         **extra,
     }
-    return asset, thumbnail, facts
+    return asset, thumbnail.result() if thumbnail else None, facts
 
 
 def _echoed_parameters(request: GenerationRequest) -> dict[str, Any]:
