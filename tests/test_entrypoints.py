@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,13 +71,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def api_server(tiny_models_dir: Path) -> Iterator[str]:
+@contextmanager
+def serving_api(tiny_models_dir: Path, **env: str) -> Iterator[str]:
+    """The RunPod SDK's local API server around `handler.py`, with `env` added to the worker's environment; yields
+    its base URL and stops it on leaving."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
         cwd=REPO,
-        env=worker_env(tiny_models_dir),
+        env=worker_env(tiny_models_dir, **env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -95,6 +98,12 @@ def api_server(tiny_models_dir: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_models_dir: Path) -> Iterator[str]:
+    with serving_api(tiny_models_dir) as base:
+        yield base
 
 
 JOB = {"prompt": "a lighthouse", "seed": 11, "num_inference_steps": 2, "width": 64, "height": 64}

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dialects import DIALECTS
 from .errors import ConfigError
 from .manifest import DEFAULT_MANIFEST
 
@@ -64,6 +65,8 @@ class Settings:
     max_input_pixels: int = 4096 * 4096
     input_fetch_timeout_s: float = 15.0
     lora_cache_size: int = 8
+    # The requests the worker reads and the answers it gives: its own contract, or worker-sdxl's (dialects.py).
+    request_dialect: str = "native"
     # The GPU memory the plan may use, in GiB; None: the device's own size.
     gpu_memory_gib: float | None = None
     # PNG's zlib level. 1: the worker's banded encoder, on photos within 4 % of Pillow's level 6 at a fifth of its
@@ -91,6 +94,7 @@ class Settings:
             max_input_pixels=reader.integer("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64),
             input_fetch_timeout_s=reader.number("INPUT_FETCH_TIMEOUT_S", 15.0, minimum=0.1),
             lora_cache_size=reader.integer("LORA_CACHE_SIZE", 8, minimum=0),
+            request_dialect=reader.choice("REQUEST_DIALECT", "native", tuple(DIALECTS)),
             gpu_memory_gib=reader.number("GPU_MEMORY_GIB", 0.0, minimum=0.0) or None,
             png_compress_level=reader.integer("PNG_COMPRESS_LEVEL", 1, minimum=0, maximum=9),
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .config import Settings
+from .dialects import DIALECTS
 from .errors import (
     ConfigError,
     GpuStateLost,
@@ -114,26 +115,27 @@ class Worker:
         return cls(settings, manifest, placement, families)
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Runs one job to the contract's response or error dict; never raises, always cleans up."""
+        """Runs one job to the contract's response or error dict (in the request dialect's shape); never raises,
+        always cleans up."""
         timings = Timings()
         job_id = str(job.get("id") or "local")
+        dialect = DIALECTS[self.settings.request_dialect]
         try:
             if "input" not in job:
                 raise InvalidInput("input: required, a JSON object with at least `prompt`")
-            request = parse_input(job["input"])
-            if isinstance(request, Info):
-                return self.info()
-            return self._generate(job_id, job, request, timings)
+            request = parse_input(dialect.read(job["input"], self.has_refiner))
+            response = self.info() if isinstance(request, Info) else self._generate(job_id, job, request, timings)
         except WorkerError as error:
             log.warning("job %s failed: %s", job_id, error.to_response()["error"])
-            return error.to_response()
+            response = error.to_response()
         # Whatever else a job raises is turned into a coded error here, in one place, so the handler never raises.
         except Exception as error:
             classified = _classify(error)
             log.exception("job %s failed: %s", job_id, classified.code)
-            return classified.to_response()
+            response = classified.to_response()
         finally:
             release_memory()
+        return dialect.answer(response)
 
     def _generate(
         self, job_id: str, job: dict[str, Any], request: GenerationRequest, timings: Timings
@@ -204,6 +206,10 @@ class Worker:
             response["timings"]["total_s"],
         )
         return response
+
+    @property
+    def has_refiner(self) -> bool:
+        return getattr(self.families.get("txt2img"), "refiner_unet", None) is not None
 
     @property
     def tasks(self) -> list[str]:
