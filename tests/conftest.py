@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES_IN_CONFIGS = ("torch", "diffusers", "transformers", "peft")
@@ -72,3 +76,50 @@ def run_job(handler_module: ModuleType) -> Callable[..., dict]:
         return handler_module.handler({"id": job_id, "input": job_input, **extra})
 
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_api(tiny_models_dir: Path) -> Callable[..., AbstractContextManager[str]]:
+    """The RunPod SDK's local API server (`handler.py --rp_serve_api`) on loopback, with extra environment:
+    `with serve_api(BUCKET_NAME=...) as base_url:`. It stops when the block ends."""
+
+    @contextmanager
+    def serve(**env: str) -> Iterator[str]:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "MODELS_DIR": str(tiny_models_dir), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    requests.get(f"{base}/docs", timeout=2)
+                    break
+                except requests.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the local API server did not start") from None
+                    time.sleep(0.3)
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    return serve
+
+
+@pytest.fixture(scope="session")
+def api_server(serve_api: Callable[..., AbstractContextManager[str]]) -> Iterator[str]:
+    """One local API server on the tiny models, inline results, shared by every test that needs it."""
+    with serve_api() as base:
+        yield base

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
 import requests
 from PIL import Image
 from s3_fixtures import presign_gate, s3_server  # noqa: F401  (fixtures)
-from test_entrypoints import serving_api
 from test_sdxl_family import PHOTO
 
 from diffusion_worker.dialects import DIALECTS, WORKER_SDXL_SCHEDULERS
@@ -141,8 +140,8 @@ def png_of(data_uri: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def inline_server(tiny_models_dir: Path) -> Iterator[str]:
-    with serving_api(tiny_models_dir, **SERVED) as server:
+def inline_server(serve_api: Callable[..., AbstractContextManager[str]]) -> Iterator[str]:
+    with serve_api(**SERVED) as server:
         yield server
 
 
@@ -168,7 +167,10 @@ def test_drop_in_mode_fails_in_worker_sdxls_error_shape(inline_server: str) -> N
     assert native["status"] == "FAILED" and "task: unknown field" in native["error"]
 
 
-def test_drop_in_mode_answers_with_links_to_the_bucket(tiny_models_dir: Path, s3_server) -> None:  # noqa: F811
+def test_drop_in_mode_answers_with_links_to_the_bucket(
+    serve_api: Callable[..., AbstractContextManager[str]],
+    s3_server,  # noqa: F811
+) -> None:
     bucket = s3_server.create_bucket("drop-in")
     env = {
         **SERVED,
@@ -177,7 +179,7 @@ def test_drop_in_mode_answers_with_links_to_the_bucket(tiny_models_dir: Path, s3
         "BUCKET_ACCESS_KEY_ID": s3_server.access_key_id,
         "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_access_key,
     }
-    with serving_api(tiny_models_dir, **env) as server:
+    with serve_api(**env) as server:
         answer = runsync(server, REQUEST)
     assert answer["status"] == "COMPLETED", answer
     output = answer["output"]

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,47 +59,6 @@ def test_a_worker_without_models_refuses_to_start(tmp_path: Path) -> None:
     )
     assert completed.returncode == 1
     assert "no models found" in completed.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def serving_api(tiny_models_dir: Path, **env: str) -> Iterator[str]:
-    """The RunPod SDK's local API server around `handler.py`, with `env` added to the worker's environment; yields
-    its base URL and stops it on leaving."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=REPO,
-        env=worker_env(tiny_models_dir, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                requests.get(f"{base}/docs", timeout=2)
-                break
-            except requests.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local API server did not start") from None
-                time.sleep(0.3)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def api_server(tiny_models_dir: Path) -> Iterator[str]:
-    with serving_api(tiny_models_dir) as base:
-        yield base
 
 
 JOB = {"prompt": "a lighthouse", "seed": 11, "num_inference_steps": 2, "width": 64, "height": 64}

@@ -5,6 +5,7 @@ Bounds are the ones the pipelines accept: a request that passes here reaches the
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, TypeAlias
 
 from pydantic import (
@@ -39,6 +40,10 @@ SCHEDULER_NAMES = (
     "unipc",
 )
 SDXL_SIZE = (64, 2048, 8)
+# RunPod job ids look like `sync-<uuid>`, `<uuid>-u1` or `local_test`; one names the job's folder of results, on the
+# worker and in the client. Anything else (a `/`, a leading dot) could leave that folder or collide with another's,
+# so it is refused rather than escaped.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 WAN_SIZE = (64, 1280, 16)
 # The largest video job a worker takes, in the transformer's tokens: as many as 1280×720 at 81 frames makes, the
 # largest clip WAN 2.1 is made for. Attention grows with the square of the tokens: 1280×1280 at 161 frames, which the

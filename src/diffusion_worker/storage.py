@@ -32,6 +32,7 @@ from botocore.utils import is_valid_uri
 from .config import BucketSettings
 from .errors import InvalidInput, ResultTooLarge, UploadFailed
 from .inputs import resolve_public
+from .schema import JOB_ID
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ S3_CONFIG_FIELDS = {
     "bucketName": "name",
     "endpointUrl": "endpoint_url",
 }
-# RunPod job ids look like `sync-<uuid>`, `<uuid>-u1` or `local_test`. Anything else (a `/`, a leading dot) could
-# leave the job's folder or collide with another's, so it is refused rather than escaped.
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # botocore's own rule for bucket names; checking it here makes a bad s3Config an input error, not an upload failure.
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # An AWS endpoint names its region; SigV4 signs with it, so a presigned link made with another one does not open.
