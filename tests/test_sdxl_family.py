@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import test_entrypoints
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -31,8 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.json"))
 FAST = {"prompt": "a cottage", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 5}
 LORA_NAMES = ["hyper-sdxl-8step", "pixel-art-xl", "sdxl-lightning-4step", "sdxl-lightning-8step", "sdxl-offset"]
-# The local API server fixture of the entry-point tests, used here rather than written twice.
-api_server = test_entrypoints.api_server
 
 
 def as_base64(image: Image.Image) -> str:
