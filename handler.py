@@ -1,5 +1,5 @@
-"""RunPod serverless entry point. Importing this module loads every pipeline (the cold start); the worker loop
-starts only when it runs as a script, so tests and tools can import `handler` without starting it."""
+"""RunPod serverless entry point. Importing this module loads every pipeline and warms it up (the cold start); the
+worker loop starts only when it runs as a script, so tests and tools can import `handler` without starting it."""
 
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ def gpu_and_models_ready() -> None:
     check_fitness(worker)
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    return worker.handle(job)
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    # Async, so that RunPod's cancel reaches the job and WORKER_CONCURRENCY jobs overlap their I/O with the GPU.
+    return await worker.run(job)
+
+
+def concurrency(current: int) -> int:
+    return settings.worker_concurrency
 
 
 if __name__ == "__main__":
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency})

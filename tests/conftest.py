@@ -3,6 +3,7 @@ real handler module, as RunPod would at cold start."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import os
@@ -70,10 +71,11 @@ def worker(handler_module: ModuleType):
 
 @pytest.fixture(scope="session")
 def run_job(handler_module: ModuleType) -> Callable[..., dict]:
-    """Sends one job through `handler.handler`, as the RunPod SDK does: `run_job(input, job_id=..., s3Config=...)`."""
+    """Sends one job through the async `handler.handler` and waits for its answer, as the RunPod SDK does:
+    `run_job(input, job_id=..., s3Config=...)`."""
 
     def run(job_input: object, job_id: str = "test-job", **extra: object) -> dict:
-        return handler_module.handler({"id": job_id, "input": job_input, **extra})
+        return asyncio.run(handler_module.handler({"id": job_id, "input": job_input, **extra}))
 
     return run
 

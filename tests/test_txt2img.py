@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -101,7 +102,7 @@ def test_bad_input_is_a_clear_error_and_the_worker_goes_on(run_job: Callable[...
     [{"id": "x"}, {"id": "x", "input": None}, {"id": "x", "input": "a cat"}, {"id": "x", "input": []}],
 )
 def test_a_job_without_an_input_object_is_refused(handler_module, job: dict) -> None:
-    result = handler_module.handler(job)
+    result = asyncio.run(handler_module.handler(job))
     assert result["error_code"] == "INVALID_INPUT"
     assert result["error"].startswith("INVALID_INPUT: input: ")
 

@@ -19,6 +19,10 @@ DEFAULT_MAX_INLINE_BYTES = 8 * 1024 * 1024
 # SigV4 presigned links live 7 days at the most; AWS refuses a longer expiry.
 MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 MIN_PART_BYTES = 5 * 1024 * 1024
+PROGRESS_CHOICES = ("auto", "on", "off")
+# Jobs in flight at once: one on the GPU, one fetching its inputs or delivering its results. More would only hold
+# memory while they wait for the one GPU.
+MAX_WORKER_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class Settings:
     # time on two cores (bench/encoders.py); 2 to 9: Pillow's own encoder at that level.
     png_compress_level: int = 1
     log_level: str = "INFO"
+    # The longest a job may run; a request's `timeout_s` may ask for less.
+    job_timeout_s: float = 600.0
+    worker_concurrency: int = 1
+    progress_updates: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +106,12 @@ class Settings:
             gpu_memory_gib=reader.number("GPU_MEMORY_GIB", 0.0, minimum=0.0) or None,
             png_compress_level=reader.integer("PNG_COMPRESS_LEVEL", 1, minimum=0, maximum=9),
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+            job_timeout_s=reader.number("JOB_TIMEOUT_S", 600.0, minimum=1.0),
+            worker_concurrency=reader.integer("WORKER_CONCURRENCY", 1, minimum=1, maximum=MAX_WORKER_CONCURRENCY),
+            # Locally there is no one to send progress to: the SDK only logs that sending failed.
+            progress_updates={"on": True, "off": False, "auto": "RUNPOD_WEBHOOK_GET_JOB" in env}[
+                reader.choice("PROGRESS_UPDATES", "auto", PROGRESS_CHOICES)
+            ],
         )
         return settings
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import logging
 import platform
 import secrets
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .config import Settings
@@ -32,19 +33,22 @@ from .errors import (
 )
 from .hygiene import memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
+from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
 from .media import check_not_blank, encode_image, encode_video, start_thumbnail
 from .pipelines.outputs import GeneratedImage, GeneratedVideo
 from .pipelines.sdxl import SdxlFamily
 from .pipelines.wan import WanFamily
 from .placement import Placement
-from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, GenerationRequest, Info, parse_input
+from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, VIDEO_TASKS, GenerationRequest, Info, parse_input
 from .storage import Asset, bucket_for_job, open_sink
 
 log = logging.getLogger(__name__)
 FAMILIES = (SdxlFamily, WanFamily)
 INPUT_IMAGE_FIELDS = ("image", "control_image")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "runpod", "pydantic")
+# The pipelines are shared and not thread-safe: all GPU work of the process, one job at a time, in one thread.
+GPU = GpuThread()
 
 
 @dataclass
@@ -70,8 +74,6 @@ class Worker:
         self.placement = placement
         self.families: dict[str, SdxlFamily | WanFamily] = families
         self.input_limits = InputLimits.from_settings(settings)
-        # Pipelines are shared and not thread-safe: one job at a time on the GPU.
-        self.gpu_lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings) -> Worker:
@@ -115,16 +117,26 @@ class Worker:
         return cls(settings, manifest, placement, families)
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Runs one job to the contract's response or error dict (in the request dialect's shape); never raises,
-        always cleans up."""
+        """`run` for callers without an event loop of their own: scripts, benchmarks, tests."""
+        return asyncio.run(self.run(job))
+
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Runs one job to the contract's response or error dict (in the request dialect's shape), always cleaning
+        up. It raises nothing but a cancel, which it re-raises once the job's GPU work has stopped."""
+        started = time.monotonic()
         timings = Timings()
         job_id = str(job.get("id") or "local")
         dialect = DIALECTS[self.settings.request_dialect]
+        control: JobControl | None = None
         try:
             if "input" not in job:
                 raise InvalidInput("input: required, a JSON object with at least `prompt`")
             request = parse_input(dialect.read(job["input"], self.has_refiner))
-            response = self.info() if isinstance(request, Info) else self._generate(job_id, job, request, timings)
+            if isinstance(request, Info):
+                response = self.info()
+            else:
+                control = self._control(job, request, started)
+                response = await self._generate(job_id, job, request, control, timings)
         except WorkerError as error:
             log.warning("job %s failed: %s", job_id, error.to_response()["error"])
             response = error.to_response()
@@ -133,12 +145,28 @@ class Worker:
             classified = _classify(error)
             log.exception("job %s failed: %s", job_id, classified.code)
             response = classified.to_response()
-        finally:
-            release_memory()
+        if control is not None:
+            await control.settle_progress()
         return dialect.answer(response)
 
-    def _generate(
-        self, job_id: str, job: dict[str, Any], request: GenerationRequest, timings: Timings
+    def _control(self, job: dict[str, Any], request: GenerationRequest, started: float) -> JobControl:
+        limit, limit_name = self.settings.job_timeout_s, "JOB_TIMEOUT_S"
+        if request.timeout_s is not None:
+            if request.timeout_s > limit:
+                raise InvalidInput(f"timeout_s: must be at most {limit:g} (JOB_TIMEOUT_S) (got {request.timeout_s:g})")
+            limit, limit_name = request.timeout_s, "timeout_s"
+        return JobControl(
+            job,
+            started,
+            limit,
+            limit_name,
+            self.settings.progress_updates,
+            images=getattr(request, "num_images", 1),
+            kind="video" if request.task in VIDEO_TASKS else "image",
+        )
+
+    async def _generate(
+        self, job_id: str, job: dict[str, Any], request: GenerationRequest, control: JobControl, timings: Timings
     ) -> dict[str, Any]:
         family = self.families.get(request.task)
         if family is None:
@@ -148,49 +176,61 @@ class Worker:
         bucket = bucket_for_job(
             self.settings.bucket, job.get("s3Config"), self.settings.allow_private_s3config_endpoints
         )
-        # Downloads and decoding happen before the GPU lock: they need no GPU and may be slow. They come before
-        # `resolve` because an input image sets the output size where the request gives none.
-        inputs = {
-            name: load_image(getattr(request, name), name, self.input_limits)
-            for name in INPUT_IMAGE_FIELDS
-            if getattr(request, name, None) is not None
-        }
+        # Downloads and decoding happen before the GPU: they need none and may be slow. They come before `resolve`
+        # because an input image sets the output size where the request gives none.
+        inputs = await asyncio.to_thread(self._load_inputs, request)
+        control.check()
         request = family.resolve(request, inputs)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         request = request.model_copy(update={"seed": seed})
         log.info("job %s: %s", job_id, _summary(request))
         sink = open_sink(bucket, job_id, self.settings.max_inline_bytes, self.settings.output_dir)
         described: list[tuple[str, dict[str, Any]]] = []
-        try:
-            # Files the encoding writes (an MP4 is finished in place) go to a folder of the job's own, removed when
-            # the outputs are encoded, whether the job succeeds, fails or is stopped.
-            with (
-                tempfile.TemporaryDirectory(prefix="diffusion-job-", ignore_cleanup_errors=True) as scratch,
-                self.gpu_lock,
-                closing(family.generate(request, seed, inputs)) as generated,
-            ):
-                for index, output in enumerate(_timed(generated, timings)):
+        pending = Pending()
+        # Files the encoding writes (an MP4 is finished in place) go to a folder of the job's own, removed once the
+        # job's threads have ended, whether it succeeds, fails or is stopped.
+        with tempfile.TemporaryDirectory(prefix="diffusion-job-", ignore_cleanup_errors=True) as scratch:
+            try:
+                if GPU.busy:
+                    control.wait_for_gpu()
+                handoff = Handoff(control)
+                gpu = pending.track(
+                    GPU.submit(self._run_on_gpu, family, request, seed, inputs, control, handoff, timings)
+                )
+                # Output k is encoded and delivered here while the GPU thread makes k+1.
+                while (output := await handoff.get()) is not None:
+                    index = len(described)
+                    control.enter("encoding", index + 1)
                     began = time.perf_counter()
-                    asset, thumbnail, facts = _encode(
-                        output, request, index, Path(scratch), self.settings.png_compress_level
+                    asset, thumbnail, facts = await pending.offload(
+                        _encode, output, request, index, Path(scratch), self.settings.png_compress_level
                     )
                     timings.encode_s += time.perf_counter() - began
                     sink.put(index, asset, thumbnail)
                     described.append((output.kind, facts))
-            response: dict[str, Any] = {"seed": seed, "parameters": _echoed_parameters(request)}
-            began = time.perf_counter()
-            metadata = {
-                **response,
-                "job_id": job_id,
-                "outputs": [{"kind": kind, **facts} for kind, facts in described],
-                "models": family.describe()["models"],
-                # Upload time is still running here; the response has the final figures.
-                "timings": {name: value for name, value in timings.as_dict().items() if name != "upload_s"},
-            }
-            delivered = sink.finish(metadata)
-            timings.upload_s += time.perf_counter() - began
-        finally:
-            sink.close()
+                    handoff.taken()
+                await gpu
+                control.enter("uploading")
+                response: dict[str, Any] = {"seed": seed, "parameters": _echoed_parameters(request)}
+                began = time.perf_counter()
+                metadata = {
+                    **response,
+                    "job_id": job_id,
+                    "outputs": [{"kind": kind, **facts} for kind, facts in described],
+                    "models": family.describe()["models"],
+                    # Upload time is still running here; the response has the final figures.
+                    "timings": {name: value for name, value in timings.as_dict().items() if name != "upload_s"},
+                }
+                delivered = await pending.offload(sink.finish, metadata)
+                timings.upload_s += time.perf_counter() - began
+            finally:
+                # Whatever ended the job: its GPU work stops at the next step, uploads not begun are cancelled, and
+                # the job waits for the rest, so nothing of it runs or lands after it answered.
+                control.stop()
+                sink.close()
+                for upload in sink.in_flight():
+                    pending.track(upload)
+                await pending.settle()
         response.update(sink.result_json)
         for (kind, facts), where in zip(described, delivered, strict=True):
             entry = {**where, **facts}
@@ -206,6 +246,39 @@ class Worker:
             response["timings"]["total_s"],
         )
         return response
+
+    def _load_inputs(self, request: GenerationRequest) -> dict[str, Image.Image]:
+        return {
+            name: load_image(getattr(request, name), name, self.input_limits)
+            for name in INPUT_IMAGE_FIELDS
+            if getattr(request, name, None) is not None
+        }
+
+    @staticmethod
+    def _run_on_gpu(
+        family: SdxlFamily | WanFamily,
+        request: GenerationRequest,
+        seed: int,
+        inputs: dict[str, Image.Image],
+        control: JobControl,
+        handoff: Handoff,
+        timings: Timings,
+    ) -> None:
+        """A job's GPU work, in the GPU thread: each output handed over as soon as it is made, then the clean-up,
+        before the next job's GPU work can begin."""
+        try:
+            with closing(family.generate(request, seed, inputs, on_step=control.on_step)) as generated:
+                for index in itertools.count():
+                    control.begin_output(index)
+                    began = time.perf_counter()
+                    output = next(generated, None)
+                    timings.inference_s += time.perf_counter() - began
+                    if output is None:
+                        return
+                    handoff.put(output)
+        finally:
+            handoff.close()
+            release_memory()
 
     @property
     def has_refiner(self) -> bool:
@@ -230,19 +303,6 @@ class Worker:
                 **{name: metadata.version(name) for name in VERSIONED_PACKAGES},
             },
         }
-
-
-def _timed(generated: Iterator[Any], timings: Timings) -> Iterator[Any]:
-    """Charges the time spent producing each item to inference, not to whoever consumes it."""
-    while True:
-        began = time.perf_counter()
-        try:
-            item = next(generated)
-        except StopIteration:
-            return
-        finally:
-            timings.inference_s += time.perf_counter() - began
-        yield item
 
 
 def _encode(

@@ -74,6 +74,8 @@ class _Generation(_Strict):
     height: int | None = None
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     thumbnail_size: int = 256
+    # At most the worker's JOB_TIMEOUT_S, which the runtime knows and checks; the schema knows only the floor.
+    timeout_s: float | None = Field(default=None, ge=1)
 
     # (minimum, maximum, multiple) of width and height for the model family.
     size_rule: ClassVar[tuple[int, int, int]] = SDXL_SIZE

@@ -197,6 +197,11 @@ class Sink(ABC):
     def close(self) -> None:
         """Cancels what is still pending and releases the threads; idempotent, called in `finally`."""
 
+    def in_flight(self) -> list[Future[Any]]:
+        """Uploads still running, which `close` cannot cancel: the runtime waits for them before a job answers, so
+        that a late upload of a failed attempt never overwrites its retry's objects."""
+        return []
+
 
 class InlineSink(Sink):
     def __init__(self, job_id: str, max_bytes: int) -> None:
@@ -312,9 +317,12 @@ class S3Sink(Sink):
         return [{name: self._link(key) for name, key in self.entries[index].items()} for index in sorted(self.entries)]
 
     def close(self) -> None:
-        # Uploads stuck on a silent server are not waited for: their own timeouts end them, and the next job has a
-        # pool of its own.
+        # Uploads already running are not waited for here: the runtime waits for them (`in_flight`) without
+        # blocking its event loop, and their own timeouts end them.
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def in_flight(self) -> list[Future[Any]]:
+        return [upload for upload in self.uploads if not upload.done()]
 
     def _upload(self, key: str, data: bytes, mime: str) -> tuple[float, float, int]:
         started = time.monotonic()

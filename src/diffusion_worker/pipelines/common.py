@@ -4,11 +4,16 @@ seeded noise, and how a loaded model is described."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
 from ..manifest import ModelRole
+
+# Called after each denoising step with the steps done and the steps in all; raising from it ends the job there.
+StepHook = Callable[[int, int], None]
 
 
 def output_size(
@@ -61,3 +66,21 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 def describe_role(role: ModelRole) -> dict[str, str]:
     return {"role": role.name, "repo_id": role.repo_id, "revision": role.revision}
+
+
+def step_end_callback(on_step: StepHook | None) -> Callable[..., dict[str, Any]] | None:
+    """diffusers' `callback_on_step_end`, calling `on_step(steps done, steps in all)`.
+
+    An exception raised by `on_step` leaves the pipeline before the VAE decodes, where diffusers' own `_interrupt`
+    would still decode and return a half-denoised result. `num_timesteps` counts the steps really run (img2img runs
+    only the last `strength` of them).
+    """
+    if on_step is None:
+        return None
+
+    def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step(step + 1, pipeline.num_timesteps)
+        # Nothing replaced: the pipeline keeps its own latents.
+        return {}
+
+    return callback

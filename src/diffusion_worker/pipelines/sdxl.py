@@ -34,7 +34,7 @@ from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
 from . import memory
-from .common import cover, describe_role, output_size, seeded_generator
+from .common import StepHook, cover, describe_role, output_size, seeded_generator, step_end_callback
 from .depth import DepthEstimator
 from .loras import LoraRegistry
 from .outputs import GeneratedImage
@@ -183,9 +183,16 @@ class SdxlFamily:
             resolved = resolved.model_copy(update={"refiner_inference_steps": refiner_steps})
         return resolved
 
-    def generate(self, request: SdxlRequest, seed: int, inputs: Mapping[str, Image.Image]) -> Iterator[GeneratedImage]:
+    def generate(
+        self,
+        request: SdxlRequest,
+        seed: int,
+        inputs: Mapping[str, Image.Image],
+        on_step: StepHook | None = None,
+    ) -> Iterator[GeneratedImage]:
         """Yields image k from seed + k, one at a time, so the caller encodes and uploads while the next denoises;
-        then, if asked for, the depth map a ControlNet job was conditioned on.
+        then, if asked for, the depth map a ControlNet job was conditioned on. `on_step` follows every denoising
+        step and may end the job there.
 
         One image per call rather than a batch: image k is then bit-identical to a one-image job with seed + k,
         and memory does not grow with num_images.
@@ -221,6 +228,7 @@ class SdxlFamily:
                     "num_inference_steps": request.num_inference_steps,
                     "guidance_scale": request.guidance_scale,
                     "generator": seeded_generator(image_seed),
+                    "callback_on_step_end": step_end_callback(on_step),
                 }
                 if refiner is None:
                     image = pipeline(**common, output_type="pil", **arguments).images[0]

@@ -27,7 +27,7 @@ from ..manifest import Manifest, ModelRole
 from ..placement import Placement
 from ..schema import LARGEST_VIDEO_JOB, WAN_SIZE, Img2Video, Txt2Video
 from . import memory
-from .common import cover, describe_role, output_size, seeded_generator
+from .common import StepHook, cover, describe_role, output_size, seeded_generator, step_end_callback
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
 
@@ -110,8 +110,15 @@ class WanFamily:
             }
         )
 
-    def generate(self, request: WanRequest, seed: int, inputs: Mapping[str, Image.Image]) -> Iterator[GeneratedVideo]:
-        """Yields the one video of the job, once its LoRAs are removed again."""
+    def generate(
+        self,
+        request: WanRequest,
+        seed: int,
+        inputs: Mapping[str, Image.Image],
+        on_step: StepHook | None = None,
+    ) -> Iterator[GeneratedVideo]:
+        """Yields the one video of the job, once its LoRAs are removed again. `on_step` follows every denoising
+        step and may end the job there."""
         arguments: dict[str, Any] = {}
         if isinstance(request, Img2Video):
             arguments["image"] = cover(inputs["image"], (request.width, request.height))
@@ -127,6 +134,7 @@ class WanFamily:
                 guidance_scale=request.guidance_scale,
                 generator=seeded_generator(seed),
                 output_type="np",
+                callback_on_step_end=step_end_callback(on_step),
                 **arguments,
             )
         # Floats in [0, 1] to bytes, rounded as diffusers rounds its own PIL images.
