@@ -59,6 +59,7 @@ def test_task_defaults_to_txt2img_and_fields_to_the_contract() -> None:
         "height": None,
         "loras": [],
         "thumbnail_size": 256,
+        "timeout_s": None,
         "scheduler": None,
         "preset": None,
         "num_images": 1,
