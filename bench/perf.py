@@ -3,6 +3,7 @@ printed and written as JSON.
 
     python bench/perf.py [--repeats 5] [--jobs 300] [--size 1024] [--formats png,jpeg,webp]
                          [--sections overhead,handler,cold,memory,resident] [--output .cache/bench/perf.json]
+    python bench/perf.py --markdown .cache/bench/perf.json      # a written table, as the README shows it
 
 Sections (medians of --repeats runs, each kind interleaved with its baseline so drift falls on both alike):
 - overhead: per image, the handler's wall time minus the time spent inside the diffusers pipelines' `__call__`
@@ -468,6 +469,27 @@ def machine() -> dict[str, Any]:
     }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """A written table as the README shows it."""
+    machine = report["machine"]
+    lines = [
+        f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, torch {machine['torch']}, "
+        f"Pillow {machine['pillow']}; {machine['date']}; {report['arguments']}",
+        "",
+        "| section | measure | unit | worker | baseline | ratio | target | holds | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for fields in report["rows"]:
+        given = {name: fields[name] for name in ("section", "measure", "unit", "worker", "baseline", "note")}
+        row = Row(**given, target=tuple(fields["target"]) if fields["target"] else None)
+        holds = {None: "", True: "yes", False: "**no**"}[row.holds]
+        lines.append(
+            f"| {row.section} | {row.measure} | {row.unit} | {row.worker:.1f} | {row.baseline:.1f} | {row.ratio:.2f} "
+            f"| {row.target_text()} | {holds} | {row.note} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per median (default 5)")
@@ -477,7 +499,11 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--models-dir", type=Path, default=REPO / ".cache" / "tiny-models" / "bench")
     parser.add_argument("--output", type=Path, default=REPO / ".cache" / "bench" / "perf.json", help="the JSON table")
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print a written table as markdown, and stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
@@ -495,6 +521,7 @@ def main() -> None:
     os.environ.update(
         MODELS_DIR=str(args.models_dir),
         LOG_LEVEL="WARNING",
+        RUNPOD_LOG_LEVEL="ERROR",
         ALLOW_PRIVATE_S3CONFIG_ENDPOINTS="true",
         MAX_INLINE_BYTES=str(64 * 2**20),
     )

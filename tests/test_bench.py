@@ -14,7 +14,7 @@ from diffusion_worker.runtime import Worker
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from gpu import speedups  # noqa: E402
-from perf import seconds_to_ready  # noqa: E402
+from perf import markdown, seconds_to_ready  # noqa: E402
 
 
 def test_perf_prints_and_writes_every_section_with_its_baselines(tiny_models_dir: Path, tmp_path: Path) -> None:
@@ -48,9 +48,12 @@ def test_perf_prints_and_writes_every_section_with_its_baselines(tiny_models_dir
     for row in rows.values():
         assert row["worker"] > 0 and row["baseline"] > 0
         assert row["ratio"] == row["worker"] / row["baseline"]
-    # One table: a header, then every row, as printed.
+    # One table: a header, then every row, as printed; and as the README shows it.
     for section, measure in expected:
         assert any(line.startswith(section) and measure in line for line in completed.stdout.splitlines())
+    assert sum(
+        line.startswith(("| overhead", "| handler", "| memory", "| resident")) for line in markdown(report).splitlines()
+    ) == len(expected)
 
 
 def test_the_cold_starts_baseline_loads_the_same_models(tiny_models_dir: Path) -> None:
