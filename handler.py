@@ -15,6 +15,7 @@ from diffusion_worker.runtime import Worker
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 worker = Worker.load(settings)
+worker.warm_up()
 
 
 @runpod.serverless.register_fitness_check

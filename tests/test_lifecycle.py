@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
+import runpod
 import torch
+
+from diffusion_worker import lifecycle
+from diffusion_worker.config import Settings
+from diffusion_worker.runtime import GPU
 
 BASELINE = {"prompt": "a lighthouse", "seed": 1234, "num_inference_steps": 2, "width": 64, "height": 64}
 
@@ -82,3 +90,97 @@ def test_the_gpu_thread_is_one_thread_for_every_job(run_job: Callable[..., dict]
     finally:
         handle.remove()
     assert len(threads) == 1 and threads.pop().startswith("gpu")
+
+
+def test_cancelling_the_task_mid_denoising_stops_the_gpu_thread_within_one_step(
+    handler_module, sdxl, baseline: str, run_job: Callable[..., dict]
+) -> None:
+    job = {**BASELINE, "num_inference_steps": 100, "guidance_scale": 0.0}
+
+    async def cancel_at_step_three() -> int:
+        task = asyncio.create_task(handler_module.handler({"id": "cancelled", "input": job}))
+        while len(began) < 3:
+            await asyncio.sleep(0.01)
+        steps_at_cancel = len(began)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return steps_at_cancel
+
+    with slowed(sdxl.base.unet, 0.1) as began, counted(sdxl.base.vae.decoder) as decodes:
+        steps_at_cancel = asyncio.run(cancel_at_step_three())
+        # The handler re-raised only once the GPU thread had stopped: no step after the one running at the cancel.
+        assert len(began) <= steps_at_cancel + 1
+        assert not GPU.busy
+        time.sleep(0.3)
+        assert len(began) <= steps_at_cancel + 1
+    assert decodes == []
+    assert run_job(BASELINE)["images"][0]["sha256"] == baseline
+
+
+MIXED = [
+    {**BASELINE, "num_images": 2, "seed": 7},
+    {**BASELINE, "task": "txt2video", "num_frames": 5, "seed": 8},
+    {**BASELINE, "width": 72, "scheduler": "euler_ancestral", "seed": 9},
+]
+
+
+def test_jobs_in_flight_together_give_the_bytes_they_give_one_by_one(
+    handler_module, run_job: Callable[..., dict]
+) -> None:
+    def hashes(result: dict) -> list[str]:
+        return [entry["sha256"] for entry in [*result.get("images", []), *filter(None, [result.get("video")])]]
+
+    alone = [hashes(run_job(job)) for job in MIXED]
+
+    async def together() -> list[dict]:
+        return await asyncio.gather(
+            *(handler_module.handler({"id": f"together-{n}", "input": job}) for n, job in enumerate(MIXED))
+        )
+
+    assert [hashes(result) for result in asyncio.run(together())] == alone
+    assert Settings.from_env({"WORKER_CONCURRENCY": "2"}).worker_concurrency == 2
+    assert handler_module.concurrency(1) == handler_module.settings.worker_concurrency == 1
+
+
+@pytest.fixture
+def progress(worker, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Progress updates on, unthrottled, recorded by replacing the SDK's function."""
+    sent: list[dict] = []
+    monkeypatch.setattr(worker, "settings", replace(worker.settings, progress_updates=True))
+    monkeypatch.setattr(lifecycle, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(lifecycle, "PROGRESS_SETTLE_S", 0.0)
+    monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, update: sent.append({**update}))
+    return sent
+
+
+def test_progress_updates_follow_the_steps_of_each_image(run_job: Callable[..., dict], progress: list[dict]) -> None:
+    result = run_job({**BASELINE, "num_inference_steps": 3, "num_images": 2})
+    assert "error" not in result
+    denoising = [(update["image"], update["step"]) for update in progress if update["stage"] == "denoising"]
+    assert [step for step in denoising if step[1] > 0] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert {update["stage"] for update in progress} <= set(lifecycle.STAGES)
+    assert {"denoising", "encoding", "uploading"} <= {update["stage"] for update in progress}
+    assert all(update["images"] == 2 and update["steps"] in (0, 3) for update in progress)
+
+
+def test_a_failing_progress_function_never_fails_a_job(
+    run_job: Callable[..., dict], progress: list[dict], monkeypatch: pytest.MonkeyPatch, baseline: str
+) -> None:
+    def broken(job: dict, update: dict) -> None:
+        raise ConnectionError("the progress endpoint is down")
+
+    monkeypatch.setattr(runpod.serverless, "progress_update", broken)
+    assert run_job(BASELINE)["images"][0]["sha256"] == baseline
+
+
+def test_progress_is_off_locally_and_on_at_runpod() -> None:
+    assert Settings.from_env({}).progress_updates is False
+    assert Settings.from_env({"RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID"}).progress_updates
+    assert Settings.from_env({"PROGRESS_UPDATES": "on"}).progress_updates is True
+    assert Settings.from_env({"PROGRESS_UPDATES": "off", "RUNPOD_WEBHOOK_GET_JOB": "x"}).progress_updates is False
+
+
+def test_the_warm_up_is_logged_and_leaves_the_collector_only_what_jobs_make(handler_module) -> None:
+    # The session's worker warmed up at import; what loading made is frozen, out of each job's collection.
+    assert gc.get_freeze_count() > 100_000

@@ -87,6 +87,8 @@ class JobControl:
         self.limit_name = limit_name
         self.deadline = started + timeout_s
         self.position = Position(images=images, kind=kind)
+        # The output the GPU thread is making; the coroutine may meanwhile be encoding the one before.
+        self._denoising = 1
         self._stopped = threading.Event()
         self._progress = progress
         self._progress_lock = threading.Lock()
@@ -119,13 +121,13 @@ class JobControl:
     def begin_output(self, index: int) -> None:
         """The GPU thread's side, before it makes output `index` (from 0)."""
         self.check()
-        image = min(index + 1, self.position.images)
-        self._move(replace(self.position, stage="denoising", image=image, step=0, steps=0))
+        self._denoising = min(index + 1, self.position.images)
+        self._move(replace(self.position, stage="denoising", image=self._denoising, step=0, steps=0))
 
     def on_step(self, step: int, steps: int) -> None:
         """The pipelines' step-end callback: `step` of `steps` done. Raising here stops the pipeline before it
         decodes."""
-        self._move(replace(self.position, stage="denoising", step=step, steps=steps))
+        self._move(replace(self.position, stage="denoising", image=self._denoising, step=step, steps=steps))
         self.check()
 
     def _move(self, position: Position) -> None:

@@ -31,7 +31,7 @@ from .errors import (
     TaskUnavailable,
     WorkerError,
 )
-from .hygiene import memory_figures, release_memory
+from .hygiene import freeze_long_lived, memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
 from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 FAMILIES = (SdxlFamily, WanFamily)
 INPUT_IMAGE_FIELDS = ("image", "control_image")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "runpod", "pydantic")
+# Tasks the warm-up prefers, as they need no input image.
+WARM_UP_TASKS = ("txt2img", "txt2video")
 # The pipelines are shared and not thread-safe: all GPU work of the process, one job at a time, in one thread.
 GPU = GpuThread()
 
@@ -115,6 +117,34 @@ class Worker:
                 )
                 families.update(dict.fromkeys(loaded.tasks, loaded))
         return cls(settings, manifest, placement, families)
+
+    def warm_up(self) -> None:
+        """One step at the smallest size on every loaded family, encoded too, so that the first real job does not
+        pay for kernels, the allocator and lazy imports; then what lives as long as the worker is frozen out of the
+        per-job collection. Nothing is delivered; a failure here stops the worker at start."""
+        began = time.perf_counter()
+        picture = Image.new("RGB", (64, 64), (120, 130, 140))
+        families = {id(family): family for family in self.families.values()}
+        for family in families.values():
+            # A task without input images where the family serves one, else one given a plain picture.
+            task = min(family.tasks, key=lambda name: (name not in WARM_UP_TASKS, name))
+            raw: dict[str, Any] = {"task": task, "prompt": "warm-up", "seed": 0, "num_inference_steps": 1}
+            raw.update(width=64, height=64)
+            if task in VIDEO_TASKS:
+                raw["num_frames"] = 5
+            if task not in WARM_UP_TASKS:
+                raw["image"] = "warm-up"
+            request = parse_input(raw)
+            inputs = {} if task in WARM_UP_TASKS else {"image": picture}
+            request = family.resolve(request, inputs)
+            # A generator runs where it is iterated: here, in the GPU thread.
+            outputs = GPU.executor.submit(list, family.generate(request, 0, inputs)).result()
+            with tempfile.TemporaryDirectory(prefix="diffusion-warm-up-", ignore_cleanup_errors=True) as scratch:
+                for index, output in enumerate(outputs):
+                    _encode(output, request, index, Path(scratch), self.settings.png_compress_level)
+        release_memory()
+        freeze_long_lived()
+        log.info("warmed up %s in %.2f s", ", ".join(sorted(self.tasks)), time.perf_counter() - began)
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """`run` for callers without an event loop of their own: scripts, benchmarks, tests."""
