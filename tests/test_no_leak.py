@@ -1,7 +1,9 @@
 """No job leaks into the next: a baseline txt2img job gives the same bytes, and the SDXL weights the same checksum,
 after any sequence of SDXL jobs — every task, with and without LoRAs, any scheduler and size, and jobs that fail
-on a bad LoRA name, a bad image, a LoRA file that breaks halfway through loading or an exception raised in the
-middle of denoising. Hypothesis writes the sequences; each job that runs twice must also give the same result."""
+on a bad LoRA name, a bad image, a LoRA file that breaks halfway through loading, and inside the GPU lock with LoRAs
+loaded: an exception raised in the middle of denoising, or a delivery that fails. Hypothesis writes the sequences;
+every job of a sequence runs again afterwards, in reverse order, and must end the same way.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +101,33 @@ def exploding(denoiser: torch.nn.Module, on_call: int) -> Iterator[None]:
         handle.remove()
 
 
-def run(run_job: Callable[..., dict], family, job: dict, explode: bool) -> Any:
+@contextmanager
+def delivering_to(worker, output_dir: Path) -> Iterator[None]:
+    """Makes the worker deliver into `output_dir`; a path that can't be a folder fails each job's first result
+    with UPLOAD_FAILED, inside the GPU lock, while the job's LoRAs are loaded."""
+    saved = worker.settings
+    worker.settings = replace(saved, output_dir=output_dir)
+    try:
+        yield
+    finally:
+        worker.settings = saved
+
+
+@pytest.fixture(scope="module")
+def faults(worker, family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Callable[[], Any]]:
+    """What can go wrong inside the GPU lock, by name, as context managers around a job."""
+    blocked = tmp_path_factory.mktemp("blocked") / "file-not-folder"
+    blocked.write_text("in the way")
+    return {
+        "none": nullcontext,
+        "denoise": lambda: exploding(family.base.unet, on_call=2),
+        "upload": lambda: delivering_to(worker, blocked),
+    }
+
+
+def run(run_job: Callable[..., dict], faults: dict[str, Callable[[], Any]], job: dict, fault: str) -> Any:
     """Runs one job and returns what identifies its outcome: the result's hashes, or its error code."""
-    if explode:
-        with exploding(family.base.unet, on_call=2):
-            result = run_job(job)
-    else:
+    with faults[fault]():
         result = run_job(job)
     if "error" in result:
         return result["error_code"]
@@ -171,18 +195,25 @@ failing_job = st.one_of(
         lambda job: {**job, "loras": [{"name": LORA_NAMES[0], "scale": 1.0}, {"name": BROKEN_LORA, "scale": 1.0}]}
     ),
 )
-# An exception on the UNet's second call: img2img at full strength and 2 steps calls it at least twice.
-exploding_job = good_job.map(
-    lambda job: {**job, "num_inference_steps": 2, **({"strength": 1.0} if "strength" in job else {})}
+# Jobs that fail inside the GPU lock: valid, with LoRAs loaded when they fail, and calling the UNet at least twice
+# (img2img at full strength and 2 steps) so that an exception on its second call comes mid-denoising.
+in_the_lock = good_job.map(
+    lambda job: {
+        **job,
+        "loras": job["loras"] or [{"name": LORA_NAMES[0], "scale": 1.0}],
+        "num_inference_steps": 2,
+        **({"strength": 1.0} if "strength" in job else {}),
+    }
 )
 step = st.one_of(
-    st.tuples(good_job, st.just(False)),
-    st.tuples(failing_job, st.just(False)),
-    st.tuples(exploding_job, st.just(True)),
+    st.tuples(good_job, st.just("none")),
+    st.tuples(failing_job, st.just("none")),
+    st.tuples(in_the_lock, st.sampled_from(["denoise", "upload"])),
 )
+EXPECTED = {"denoise": "INTERNAL", "upload": "UPLOAD_FAILED"}
 EVERY_KIND = [
-    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "pixel-art-xl", "scale": -1.0}]}, False),
-    ({**BASELINE, "task": "img2img", "image": PHOTO, "scheduler": "heun", "width": 72}, False),
+    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "pixel-art-xl", "scale": -1.0}]}, "none"),
+    ({**BASELINE, "task": "img2img", "image": PHOTO, "scheduler": "heun", "width": 72}, "none"),
     (
         {
             **BASELINE,
@@ -191,7 +222,7 @@ EVERY_KIND = [
             "return_control_image": True,
             "scheduler": "dpmpp_2m_sde_karras",
         },
-        False,
+        "none",
     ),
     (
         {
@@ -200,11 +231,11 @@ EVERY_KIND = [
             "control_image": DEPTH_MAP,
             "loras": [{"name": "pixel-art-xl", "scale": 2.0}],
         },
-        True,
+        "denoise",
     ),
-    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "../x", "scale": 1.0}]}, False),
-    ({**BASELINE, "task": "img2img", "image": "aGVsbG8gd29ybGQ="}, False),
-    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": BROKEN_LORA, "scale": 1.0}]}, False),
+    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "../x", "scale": 1.0}]}, "none"),
+    ({**BASELINE, "task": "img2img", "image": "aGVsbG8gd29ybGQ="}, "none"),
+    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": BROKEN_LORA, "scale": 1.0}]}, "none"),
     (
         {
             **BASELINE,
@@ -213,14 +244,16 @@ EVERY_KIND = [
             "strength": 1.0,
             "loras": [{"name": "sdxl-offset", "scale": 0.5}],
         },
-        True,
+        "denoise",
     ),
-    ({**BASELINE, "scheduler": "euler_ancestral", "width": 72, "height": 88, "num_images": 2}, False),
+    ({**BASELINE, "scheduler": "euler_ancestral", "width": 72, "height": 88, "num_images": 2}, "none"),
+    ({**BASELINE, "num_images": 2, "loras": [{"name": "pixel-art-xl", "scale": 0.5}]}, "upload"),
+    ({**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "pixel-art-xl", "scale": -1.0}]}, "none"),
 ]
 
 
 @settings(
-    max_examples=10,
+    max_examples=5,
     deadline=None,
     # The same sequences on every run and machine, and no example database: CI failures reproduce anywhere.
     derandomize=True,
@@ -232,16 +265,23 @@ EVERY_KIND = [
 @example(sequence=EVERY_KIND)
 @given(sequence=st.lists(step, min_size=3, max_size=6))
 def test_no_sequence_of_jobs_leaks_into_the_next(
-    run_job: Callable[..., dict], family, baseline: tuple[str, str], sequence: list[tuple[dict, bool]]
+    run_job: Callable[..., dict], family, faults, baseline: tuple[str, str], sequence: list[tuple[dict, str]]
 ) -> None:
-    for job, explode in sequence:
-        outcome = run(run_job, family, job, explode)
+    outcomes = []
+    for job, fault in sequence:
+        outcome = run(run_job, faults, job, fault)
         # What ran, for --hypothesis-show-statistics: every task should both succeed and fail in the sequences.
-        event(f"{job.get('task', 'txt2img')}: {outcome if isinstance(outcome, str) else 'ok'}")
-        key = json.dumps([job, explode], sort_keys=True)
+        event(f"{job.get('task', 'txt2img')}, fault {fault}: {outcome if isinstance(outcome, str) else 'ok'}")
+        key = json.dumps([job, fault], sort_keys=True)
         assert OUTCOMES.setdefault(key, outcome) == outcome, job
-        if explode:
-            assert outcome == "INTERNAL"
+        if fault in EXPECTED:
+            assert outcome == EXPECTED[fault]
+        outcomes.append(outcome)
+    check_clean(run_job, family, baseline)
+    # Every job once more, in reverse order, so that each runs after other jobs than the first time: the same
+    # outcome, bit for bit.
+    for (job, fault), outcome in reversed(list(zip(sequence, outcomes, strict=True))):
+        assert run(run_job, faults, job, fault) == outcome, (job, fault)
     check_clean(run_job, family, baseline)
 
 
@@ -249,10 +289,10 @@ def test_no_sequence_of_jobs_leaks_into_the_next(
 
 
 def test_an_exception_mid_denoising_removes_the_loras(
-    run_job: Callable[..., dict], family, baseline: tuple[str, str], caplog: pytest.LogCaptureFixture
+    run_job: Callable[..., dict], family, faults, baseline: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     job = {**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": "pixel-art-xl", "scale": 0.5}]}
-    assert run(run_job, family, job, explode=True) == "INTERNAL"
+    assert run(run_job, faults, job, "denoise") == "INTERNAL"
     assert "UNet2DConditionModel call 2" in caplog.text
     check_clean(run_job, family, baseline)
 
@@ -263,6 +303,14 @@ def test_a_lora_that_breaks_while_loading_removes_the_ones_before(
     job = {**BASELINE, "loras": [{"name": "sdxl-offset", "scale": 1.0}, {"name": BROKEN_LORA, "scale": 1.0}]}
     result = run_job(job)
     assert result["error_code"] == "INTERNAL" and "refresh_worker" not in result
+    check_clean(run_job, family, baseline)
+
+
+def test_a_delivery_that_fails_with_loras_loaded_removes_them(
+    run_job: Callable[..., dict], family, faults, baseline: tuple[str, str]
+) -> None:
+    job = {**BASELINE, "num_images": 2, "loras": [{"name": "pixel-art-xl", "scale": 1.0}]}
+    assert run(run_job, faults, job, "upload") == "UPLOAD_FAILED"
     check_clean(run_job, family, baseline)
 
 
