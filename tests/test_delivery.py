@@ -198,7 +198,7 @@ def test_a_blank_image_is_a_failed_decode_and_nothing_is_delivered(
     image before it was fine."""
     family = worker.families["txt2img"]
 
-    def second_black(*args: object) -> Iterator[GeneratedImage]:
+    def second_black(*args: object, **kwargs: object) -> Iterator[GeneratedImage]:
         yield GeneratedImage(image=gradient(64, 64), seed=5)
         yield GeneratedImage(image=Image.new("RGB", (64, 64)), seed=6)
 
