@@ -243,7 +243,7 @@ def test_what_would_not_fit_is_refused_naming_the_field(
 
 
 def test_a_blank_video_is_a_failed_decode(run_job: Callable[..., dict], family: WanFamily, monkeypatch) -> None:
-    def black(*args: object) -> Iterator[GeneratedVideo]:
+    def black(*args: object, **kwargs: object) -> Iterator[GeneratedVideo]:
         yield GeneratedVideo(frames=np.zeros((9, 64, 64, 3), np.uint8), fps=16, seed=5)
 
     monkeypatch.setattr(family, "generate", black)

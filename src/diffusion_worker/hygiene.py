@@ -12,22 +12,47 @@ from typing import Any
 
 import torch
 
+from .errors import GpuStateLost, Internal, OutOfMemory, WorkerError
+
 log = logging.getLogger(__name__)
+# What CUDA, cuBLAS and cuDNN failures say: the device may be corrupt (an illegal address, a failed kernel), and
+# every later CUDA call may fail again. Allocation failures among them are out-of-memory, which the job's clean-up
+# recovers from.
+GPU_FAILURE_MARKERS = ("cuda error", "cublas", "cudnn", "device-side assert", "illegal memory access")
+OUT_OF_MEMORY_MARKERS = ("out of memory", "alloc_failed")
 # The hooks of the components the memory plan offloads (pipelines/memory.py): each job ends with them in host memory.
 OFFLOAD_HOOKS: list[Any] = []
 
 
-def release_memory() -> None:
+def classify_failure(error: BaseException) -> WorkerError:
+    """An unexpected exception as the contract's error: out-of-memory anywhere (torch's own type, or a CUDA,
+    cuBLAS or cuDNN error that says so) is retryable on this worker; any other CUDA, cuBLAS or cuDNN failure loses
+    the GPU's trust; anything else is internal."""
+    text = str(error).lower()
+    if isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+    ):
+        return OutOfMemory("the GPU ran out of memory; the worker freed it, retry or lower the size")
+    if isinstance(error, RuntimeError) and any(marker in text for marker in GPU_FAILURE_MARKERS):
+        return GpuStateLost("the GPU reported an error; this worker will be replaced")
+    return Internal("unexpected error; the worker log has the details")
+
+
+def release_memory() -> BaseException | None:
     """Frees what a finished job held: offloaded components back to host memory, then Python garbage, so that the
     CUDA allocator's blocks are really free, then the allocator's cache.
 
     Never raises: it runs in `finally`, after the job's answer is made, and an error here would replace that answer.
-    After a sticky CUDA error (an illegal address) every CUDA call fails again; the answer already says so."""
+    After a sticky CUDA error (an illegal address) every CUDA call fails again: the first failure is returned, for
+    the worker to judge whether the GPU can still be trusted."""
+    failure = None
     for step in [*(hook.offload for hook in OFFLOAD_HOOKS), gc.collect, _empty_cuda_cache]:
         try:
             step()
         except Exception as error:
             log.warning("clean-up step %s failed: %s", getattr(step, "__qualname__", step), error)
+            failure = failure or error
+    return failure
 
 
 def freeze_long_lived() -> None:

@@ -190,3 +190,15 @@ def check_not_blank(image: Image.Image | np.ndarray, what: str) -> None:
         raise Internal(f"{what} is empty")
     if not pixels.any():
         raise Internal(f"{what} is uniformly black: the decode failed (NaN or overflow in the VAE)")
+
+
+def to_pixels(decoded: np.ndarray, what: str) -> np.ndarray:
+    """A decode's floats in [0, 1] as uint8, rounded as diffusers rounds its own PIL images, once they are checked:
+    a NaN or an infinity anywhere means the decode failed (an overflow in half precision, a broken GPU) even where
+    the rest looks fine, as does a uniformly black result. Checked before conversion: a NaN becomes a plausible 0."""
+    if not np.isfinite(decoded).all():
+        bad = np.count_nonzero(~np.isfinite(decoded)) / decoded.size
+        raise Internal(f"{what} has non-finite values in {bad:.0%} of its pixels: the decode failed")
+    pixels = (decoded * 255).round().astype(np.uint8)
+    check_not_blank(pixels, what)
+    return pixels

@@ -16,7 +16,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from . import __version__
@@ -25,13 +24,11 @@ from .dialects import DIALECTS
 from .errors import (
     ConfigError,
     GpuStateLost,
-    Internal,
     InvalidInput,
-    OutOfMemory,
     TaskUnavailable,
     WorkerError,
 )
-from .hygiene import freeze_long_lived, memory_figures, release_memory
+from .hygiene import classify_failure, freeze_long_lived, memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
 from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
@@ -76,6 +73,8 @@ class Worker:
         self.placement = placement
         self.families: dict[str, SdxlFamily | WanFamily] = families
         self.input_limits = InputLimits.from_settings(settings)
+        # Set by the first CUDA failure other than out-of-memory: then every job is refused.
+        self.gpu_lost: GpuStateLost | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Worker:
@@ -158,6 +157,8 @@ class Worker:
         job_id = str(job.get("id") or "local")
         dialect = DIALECTS[self.settings.request_dialect]
         control: JobControl | None = None
+        if self.gpu_lost is not None:
+            return dialect.answer(self.gpu_lost.to_response())
         try:
             if "input" not in job:
                 raise InvalidInput("input: required, a JSON object with at least `prompt`")
@@ -169,15 +170,22 @@ class Worker:
                 response = await self._generate(job_id, job, request, control, timings)
         except WorkerError as error:
             log.warning("job %s failed: %s", job_id, error.to_response()["error"])
-            response = error.to_response()
+            response = self._answer(error)
         # Whatever else a job raises is turned into a coded error here, in one place, so the handler never raises.
         except Exception as error:
-            classified = _classify(error)
+            classified = classify_failure(error)
             log.exception("job %s failed: %s", job_id, classified.code)
-            response = classified.to_response()
+            response = self._answer(classified)
         if control is not None:
             await control.settle_progress()
         return dialect.answer(response)
+
+    def _answer(self, error: WorkerError) -> dict[str, Any]:
+        """The error's response. Once the GPU is lost, every later job is refused the same way until RunPod replaces
+        the worker: the device may be corrupt, and its results can no longer be trusted."""
+        if isinstance(error, GpuStateLost):
+            self.gpu_lost = self.gpu_lost or error
+        return error.to_response()
 
     def _control(self, job: dict[str, Any], request: GenerationRequest, started: float) -> JobControl:
         limit, limit_name = self.settings.job_timeout_s, "JOB_TIMEOUT_S"
@@ -284,8 +292,8 @@ class Worker:
             if getattr(request, name, None) is not None
         }
 
-    @staticmethod
     def _run_on_gpu(
+        self,
         family: SdxlFamily | WanFamily,
         request: GenerationRequest,
         seed: int,
@@ -308,7 +316,10 @@ class Worker:
                     handoff.put(output)
         finally:
             handoff.close()
-            release_memory()
+            # Never raises; a clean-up that failed on the GPU loses it for the jobs after this one.
+            failure = release_memory()
+            if failure is not None:
+                self._answer(classify_failure(failure))
 
     @property
     def has_refiner(self) -> bool:
@@ -390,11 +401,3 @@ def _summary(request: GenerationRequest) -> str:
     if request.loras:
         parts.append("loras=" + ",".join(ref.name for ref in request.loras))
     return " ".join(parts)
-
-
-def _classify(error: Exception) -> WorkerError:
-    if isinstance(error, torch.OutOfMemoryError):
-        return OutOfMemory("the GPU ran out of memory; the worker freed it, retry or lower the size")
-    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
-        return GpuStateLost("the GPU reported an error; this worker will be replaced")
-    return Internal("unexpected error; the worker log has the details")

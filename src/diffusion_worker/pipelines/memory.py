@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from ..manifest import ModelRole
 from ..placement import Placement
 from ..plan import OFFLOADED, RESIDENT, STREAMED, stage_of
 
+log = logging.getLogger(__name__)
 PlacedModule = tuple[ModelRole, str, torch.nn.Module]
 
 
@@ -92,7 +95,7 @@ def place(modules: Iterable[PlacedModule], placement: Placement) -> None:
     for role, name, module in modules:
         if id(module) in unique:
             continue
-        unique[id(module)] = (stage_of(name), module)
+        unique[id(module)] = (stage_of(name, role.name), module)
         where = placement_of(placement, role, name)
         if where == STREAMED:
             apply_group_offloading(
@@ -100,7 +103,7 @@ def place(modules: Iterable[PlacedModule], placement: Placement) -> None:
             )
         elif where == OFFLOADED:
             _, hook = cpu_offload_with_hook(module, placement.device)
-            offloaded.append((stage_of(name), module, hook))
+            offloaded.append((stage_of(name, role.name), module, hook))
             OFFLOAD_HOOKS.append(hook)
         else:
             module.to(placement.device)
@@ -120,3 +123,33 @@ def _evicting(hooks: list[Any]) -> Any:
             hook.offload()
 
     return evict
+
+
+@contextmanager
+def vae_tiling(vae: Any, tiled: bool) -> Iterator[None]:
+    """Decodes in tiles for one job, restored after however it ends. Slicing would decode a batch one item at a
+    time, and a job's decode is one item already."""
+    if not tiled:
+        yield
+        return
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
+
+
+@contextmanager
+def vae_precision_kept(vae: Any, dtype: torch.dtype) -> Iterator[None]:
+    """Checks after the job that the shared VAE is in the precision it was loaded in (`dtype`), never upcast: a cast
+    to float32 and back interrupted by a failure would leave it so, and every later job would fail on the dtype. Put
+    back, and said in the log, if not."""
+    try:
+        yield
+    finally:
+        if vae.dtype != dtype or vae.config.force_upcast:
+            log.error(
+                "the VAE was left in %s (force_upcast %s); put back to %s", vae.dtype, vae.config.force_upcast, dtype
+            )
+            vae.register_to_config(force_upcast=False)
+            vae.to(dtype=dtype)

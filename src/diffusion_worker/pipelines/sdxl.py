@@ -30,6 +30,7 @@ from transformers import AutoModelForDepthEstimation
 from ..config import Settings
 from ..errors import InvalidInput, TaskUnavailable
 from ..manifest import Manifest, ModelRole, Preset
+from ..media import to_pixels
 from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
@@ -80,6 +81,8 @@ class SdxlFamily:
         self.controlnet = controlnet
         self.depth = depth
         self.default_scheduler = scheduler_name_of(base.scheduler)
+        # Fixed at load (force_upcast off): every job is checked to leave it so.
+        self.vae_dtype = base.vae.dtype
         # The UNet's latent size times the VAE's downsampling: 1024 for the real SDXL base.
         self.default_size = base.unet.config.sample_size * base.vae_scale_factor
 
@@ -195,7 +198,8 @@ class SdxlFamily:
         step and may end the job there.
 
         One image per call rather than a batch: image k is then bit-identical to a one-image job with seed + k,
-        and memory does not grow with num_images.
+        and memory does not grow with num_images. Above the model's native size (1024²) the VAE decodes in tiles,
+        as the memory plan's margin holds an untiled decode up to that size only.
         """
         size = (request.width, request.height)
         control_image = None
@@ -219,7 +223,12 @@ class SdxlFamily:
         if getattr(request, "refiner", False):
             refiner = refiner_pipeline(self.base, self.refiner_unet, request.scheduler, scheduler_config)
         preset = self.presets[request.preset] if request.preset else None
-        with self.loras.applied(pipeline, [*preset_loras(preset), *request.loras]):
+        tiled = request.width * request.height > self.default_size**2
+        with (
+            memory.vae_precision_kept(self.base.vae, self.vae_dtype),
+            memory.vae_tiling(self.base.vae, tiled),
+            self.loras.applied(pipeline, [*preset_loras(preset), *request.loras]),
+        ):
             for index in range(request.num_images):
                 image_seed = seed + index
                 common = {
@@ -230,23 +239,25 @@ class SdxlFamily:
                     "generator": seeded_generator(image_seed),
                     "callback_on_step_end": step_end_callback(on_step),
                 }
+                # Floats, checked before they become bytes: a NaN would otherwise pass as black.
                 if refiner is None:
-                    image = pipeline(**common, output_type="pil", **arguments).images[0]
+                    decoded = pipeline(**common, output_type="np", **arguments).images[0]
                 elif isinstance(request, Img2Img):
                     # The refiner alone refines the input image, as worker-sdxl's `image_url` does.
-                    image = refiner(**common, output_type="pil", **arguments).images[0]
+                    decoded = refiner(**common, output_type="np", **arguments).images[0]
                 else:
                     # The base stops at high_noise_frac and hands its latents, noise left in, to the refiner.
                     latents = pipeline(
                         **common, denoising_end=request.high_noise_frac, output_type="latent", **arguments
                     ).images
-                    image = refiner(
+                    decoded = refiner(
                         **{**common, "num_inference_steps": request.refiner_inference_steps},
                         image=latents,
                         denoising_start=request.high_noise_frac,
-                        output_type="pil",
+                        output_type="np",
                     ).images[0]
-                yield GeneratedImage(image=image, seed=image_seed)
+                pixels = to_pixels(decoded, f"image {index}")
+                yield GeneratedImage(image=Image.fromarray(pixels), seed=image_seed)
         if control_image is not None and request.return_control_image:
             yield GeneratedImage(image=control_image, seed=seed, kind="control_image")
 

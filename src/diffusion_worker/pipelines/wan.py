@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
@@ -24,7 +23,9 @@ from PIL import Image
 from ..config import Settings
 from ..errors import InvalidInput
 from ..manifest import Manifest, ModelRole
+from ..media import to_pixels
 from ..placement import Placement
+from ..plan import WAN_NATIVE
 from ..schema import LARGEST_VIDEO_JOB, WAN_SIZE, Img2Video, Txt2Video
 from . import memory
 from .common import StepHook, cover, describe_role, output_size, seeded_generator, step_end_callback
@@ -118,12 +119,14 @@ class WanFamily:
         on_step: StepHook | None = None,
     ) -> Iterator[GeneratedVideo]:
         """Yields the one video of the job, once its LoRAs are removed again. `on_step` follows every denoising
-        step and may end the job there."""
+        step and may end the job there. Above 832×480 the VAE decodes in tiles, as the memory plan's margin holds
+        an untiled decode up to that size only."""
         arguments: dict[str, Any] = {}
         if isinstance(request, Img2Video):
             arguments["image"] = cover(inputs["image"], (request.width, request.height))
         pipeline = self.pipeline_for(request.task, request.width, request.height)
-        with self.loras[request.task].applied(pipeline, request.loras):
+        tiled = request.width * request.height > WAN_NATIVE[0] * WAN_NATIVE[1]
+        with memory.vae_tiling(pipeline.vae, tiled), self.loras[request.task].applied(pipeline, request.loras):
             output = pipeline(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt or None,
@@ -137,9 +140,7 @@ class WanFamily:
                 callback_on_step_end=step_end_callback(on_step),
                 **arguments,
             )
-        # Floats in [0, 1] to bytes, rounded as diffusers rounds its own PIL images.
-        frames = (output.frames[0] * 255).round().astype(np.uint8)
-        yield GeneratedVideo(frames=frames, fps=request.fps, seed=seed)
+        yield GeneratedVideo(frames=to_pixels(output.frames[0], "video 0"), fps=request.fps, seed=seed)
 
     def pipeline_for(self, task: str, width: int, height: int) -> WanPipelines:
         """A job's own pipeline of the task's class: the shared models, a scheduler of its own for the job's size."""
