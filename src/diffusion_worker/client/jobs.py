@@ -61,6 +61,8 @@ class Client:
         read_timeout_s: float = 15.0,
         backoff: Backoff | None = None,
     ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
         if not endpoints:
             raise ValueError("give at least one endpoint")
         # The worker reads its settings in config.py; this is the calling side, a program of its own, and
