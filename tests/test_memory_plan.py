@@ -33,7 +33,7 @@ from diffusion_worker.plan import (
     weights_from_manifest,
 )
 from diffusion_worker.schema import parse_input
-from diffusion_worker.sizes import component_bytes, read_header
+from diffusion_worker.sizes import component_bytes, read_header, weight_files
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "builder"))
@@ -321,3 +321,26 @@ def test_offloaded_and_streamed_components_give_the_same_video(worker, tiny_mode
         assert np.array_equal(offloaded.frames, resident.frames)
     finally:
         del OFFLOAD_HOOKS[hooks_before:]
+
+
+@pytest.mark.parametrize("role_name", ["sdxl", "depth_estimator", "wan_i2v"])
+def test_the_manifests_sizes_agree_with_the_hubs_recorded_files(role_name: str, tmp_path: Path) -> None:
+    """The hub's listings (tests/data/hub_listings) give the real weight files' sizes: each component's manifest
+    size is theirs at the stored precision, or half or twice it where the runtime's precision differs."""
+    role = MANIFEST.role(role_name)
+    listing = json.loads((REPO / "tests" / "data" / "hub_listings" / f"{role_name}.json").read_text())
+    for component in role.components:
+        if component.same_as:
+            continue
+        folder = tmp_path / component.name
+        folder.mkdir()
+        prefix = "" if len(role.components) == 1 else f"{component.name}/"
+        sizes = {}
+        for entry in listing["files"]:
+            name = entry["path"].removeprefix(prefix)
+            if entry["path"].startswith(prefix) and "/" not in name and name.endswith(".safetensors"):
+                sizes[name] = entry["size"]
+                (folder / name).touch()
+        stored = sum(sizes[path.name] for path in weight_files(folder, role.variant))
+        ratio = component.nbytes / stored
+        assert any(abs(ratio - scale) < 0.01 * scale for scale in (0.5, 1, 2)), (component.name, ratio)
