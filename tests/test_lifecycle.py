@@ -9,15 +9,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
+import boto3
 import pytest
 import runpod
 import torch
 
-from diffusion_worker import lifecycle
+from diffusion_worker import lifecycle, runtime
 from diffusion_worker.config import Settings
-from diffusion_worker.runtime import GPU
+from diffusion_worker.runtime import GPU, Worker
 
+pytest_plugins = ("s3_fixtures",)
 BASELINE = {"prompt": "a lighthouse", "seed": 1234, "num_inference_steps": 2, "width": 64, "height": 64}
 
 
@@ -184,3 +187,41 @@ def test_progress_is_off_locally_and_on_at_runpod() -> None:
 def test_the_warm_up_is_logged_and_leaves_the_collector_only_what_jobs_make(handler_module) -> None:
     # The session's worker warmed up at import; what loading made is frozen, out of each job's collection.
     assert gc.get_freeze_count() > 100_000
+
+
+def test_a_failed_job_answers_only_once_its_uploads_ended(
+    worker, tiny_models_dir: Path, interposer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every store request takes 1 s; image 2 fails to encode while image 1 is still uploading.
+    front = interposer(delay_s=1.0)
+    bucket = "late-uploads"
+    store = boto3.client(
+        "s3", endpoint_url=front.endpoint, aws_access_key_id="x", aws_secret_access_key="y", region_name="us-east-1"
+    )
+    store.create_bucket(Bucket=bucket)
+    env = {"BUCKET_NAME": bucket, "BUCKET_ENDPOINT_URL": front.endpoint}
+    env.update(BUCKET_ACCESS_KEY_ID="x", BUCKET_SECRET_ACCESS_KEY="y")
+    bucketed = Worker(
+        Settings.from_env({"MODELS_DIR": str(tiny_models_dir), **env}),
+        worker.manifest,
+        worker.placement,
+        worker.families,
+    )
+    encode = runtime._encode
+
+    def failing_second(output, request, index, *rest):
+        if index == 1:
+            raise RuntimeError("the encoder broke")
+        return encode(output, request, index, *rest)
+
+    monkeypatch.setattr(runtime, "_encode", failing_second)
+    requests_before = len(front.requests)
+    result = bucketed.handle({"id": "late", "input": {**BASELINE, "num_images": 2, "thumbnail_size": 0}})
+    assert result["error_code"] == "INTERNAL"
+    answered = len(front.requests)
+    # The upload of image 1 was running when the job failed: it landed before the answer, and nothing came after.
+    assert answered > requests_before
+    landed = [item["Key"] for item in store.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert landed == ["late/0.png"]
+    time.sleep(1.5)
+    assert len(front.requests) == answered + 1
