@@ -184,7 +184,7 @@ def test_progress_is_off_locally_and_on_at_runpod() -> None:
     assert Settings.from_env({"PROGRESS_UPDATES": "off", "RUNPOD_WEBHOOK_GET_JOB": "x"}).progress_updates is False
 
 
-def test_the_warm_up_is_logged_and_leaves_the_collector_only_what_jobs_make(handler_module) -> None:
+def test_what_loading_and_warm_up_made_is_frozen_out_of_each_jobs_collection(handler_module) -> None:
     # The session's worker warmed up at import; what loading made is frozen, out of each job's collection.
     assert gc.get_freeze_count() > 100_000
 
