@@ -142,13 +142,10 @@ def presigned_signature(method: str, host: str, raw_path: str, query: str, secre
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
-class PresignGate:
-    """moto behind a front that checks presigned requests as S3 does; `clock_offset_s` moves the server's clock."""
+class MotoFront:
+    """moto's S3 behind a WSGI front of our own on loopback; each subclass's `_app` decides what reaches `self.moto`."""
 
-    def __init__(self, region: str = REGION) -> None:
-        self.region = region
-        self.clock_offset_s = 0.0
-        self.refusals: list[str] = []
+    def _serve(self) -> None:
         self.moto = DomainDispatcherApplication(create_backend_app)
         self.server: BaseWSGIServer = make_server("127.0.0.1", 0, self._app, threaded=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -157,6 +154,20 @@ class PresignGate:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join()
+
+
+class PresignGate(MotoFront):
+    """moto behind a front that checks presigned requests as S3 does; `clock_offset_s` moves the server's clock."""
+
+    def __init__(self, region: str = REGION) -> None:
+        self.region = region
+        self.clock_offset_s = 0.0
+        self.refusals: list[str] = []
+        self._serve()
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING", "")
@@ -189,10 +200,6 @@ class PresignGate:
         if not hmac.compare_digest(expected, parameters["X-Amz-Signature"]):
             return "SignatureDoesNotMatch", "the signature does not match"
         return None
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +271,7 @@ def silent_server() -> Iterator[SilentServer]:
 
 
 @dataclass
-class Interposer:
+class Interposer(MotoFront):
     """moto's S3 behind a front of our own: it answers the first `throttle` requests with 503 SlowDown, as S3 does
     under load, delays every answer by `delay_s`, and records what each request looked like on the wire."""
 
@@ -275,14 +282,7 @@ class Interposer:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
-        self.moto = DomainDispatcherApplication(create_backend_app)
-        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
+        self._serve()
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING")
@@ -299,10 +299,6 @@ class Interposer:
             start_response("503 Slow Down", [("Content-Type", "application/xml")])
             return [SLOW_DOWN]
         return self.moto(environ, start_response)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.thread.join()
 
 
 @pytest.fixture
