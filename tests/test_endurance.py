@@ -24,7 +24,7 @@ MIXED: list[tuple[dict, str | None]] = [
     ({**TINY, "loras": [{"name": "no-such-lora"}]}, "UNKNOWN_LORA"),
     ({**TINY, "task": "img2img", "image": "aGVsbG8gd29ybGQ="}, "INVALID_INPUT"),
 ]
-JOBS = 168
+JOBS = 301
 WARMED_AFTER = 42
 
 
