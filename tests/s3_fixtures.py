@@ -84,6 +84,15 @@ class S3Server:
         }
         return BucketSettings(name=name, **fields)
 
+    def worker_env(self, bucket: str) -> dict[str, str]:
+        """The environment of a worker process whose own bucket is `bucket` on this server."""
+        return {
+            "BUCKET_NAME": bucket,
+            "BUCKET_ENDPOINT_URL": self.endpoint,
+            "BUCKET_ACCESS_KEY_ID": self.access_key_id,
+            "BUCKET_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
     def add_user(self, name: str) -> S3Server:
         """An IAM user allowed all of S3; the server holds them to their keys inside `enforced_auth`."""
         iam = self.client("iam")

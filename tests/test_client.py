@@ -182,14 +182,7 @@ def bucket_api_server(
     serve_api: Callable[..., AbstractContextManager[str]], s3_server: S3Server
 ) -> Iterator[tuple[str, S3Server]]:
     """A second local API server, delivering to a bucket on moto: its responses hold presigned links."""
-    bucket = s3_server.create_bucket("client-results")
-    env = {
-        "BUCKET_NAME": bucket,
-        "BUCKET_ENDPOINT_URL": s3_server.endpoint,
-        "BUCKET_ACCESS_KEY_ID": s3_server.access_key_id,
-        "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-    }
-    with serve_api(**env) as base:
+    with serve_api(**s3_server.worker_env(s3_server.create_bucket("client-results"))) as base:
         yield base, s3_server
 
 

@@ -171,15 +171,7 @@ def test_drop_in_mode_answers_with_links_to_the_bucket(
     serve_api: Callable[..., AbstractContextManager[str]],
     s3_server,  # noqa: F811
 ) -> None:
-    bucket = s3_server.create_bucket("drop-in")
-    env = {
-        **SERVED,
-        "BUCKET_NAME": bucket,
-        "BUCKET_ENDPOINT_URL": s3_server.endpoint,
-        "BUCKET_ACCESS_KEY_ID": s3_server.access_key_id,
-        "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-    }
-    with serve_api(**env) as server:
+    with serve_api(**SERVED, **s3_server.worker_env(s3_server.create_bucket("drop-in"))) as server:
         answer = runsync(server, REQUEST)
     assert answer["status"] == "COMPLETED", answer
     output = answer["output"]
