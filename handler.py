@@ -6,11 +6,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import runpod
+from diffusion_worker.startup import quick_imports
 
-from diffusion_worker.config import Settings
-from diffusion_worker.fitness import check_fitness
-from diffusion_worker.runtime import Worker
+with quick_imports():
+    from diffusion_worker.config import Settings
+    from diffusion_worker.fitness import check_fitness
+    from diffusion_worker.runtime import Worker
+
+    # isort: split
+    # After the worker's modules, torch first: runpod asks for the CPU's name (startup.py), found meanwhile.
+    import runpod
 
 settings = Settings.from_env()
 logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,7 +4,10 @@ probe itself needs a GPU), and models read from a network volume mounted read-on
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -95,3 +98,39 @@ def test_cuda_is_expected_only_when_device_is_cuda(worker: Worker, monkeypatch: 
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cuda_problems(cuda, worker.placement) == ["DEVICE=cuda, but the pipelines were loaded on cpu"]
+
+
+# A fresh process, whose imports are the worker's cold start: which cpuinfo probes run, and what the collector does.
+QUICK_IMPORTS = """
+import gc, json, subprocess
+import cpuinfo
+probes = []
+popen = subprocess.Popen
+def counted(command, *args, **kwargs):
+    probes.extend([command] if "cpuinfo" in str(command) else [])
+    return popen(command, *args, **kwargs)
+subprocess.Popen = counted
+from diffusion_worker.startup import quick_imports
+with quick_imports():
+    paused = not gc.isenabled()
+    import runpod
+from runpod.serverless.utils import rp_debugger
+print(json.dumps({
+    "paused": paused, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "probes": len(probes),
+    "runpod_cpu": rp_debugger.PROCESSOR, "cpu": cpuinfo.get_cpu_info()["brand_raw"],
+}))
+"""
+
+
+def test_imports_run_without_the_collector_and_runpod_asks_for_the_cpu_once_in_the_background() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", QUICK_IMPORTS], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert seen["paused"] and seen["enabled"]
+    # What runpod's import made is frozen, out of every later collection.
+    assert seen["frozen"] > 50_000
+    # One probe, the background one, answered runpod's import and answers later questions.
+    assert seen["probes"] == 1
+    assert seen["runpod_cpu"] == seen["cpu"] != ""
