@@ -16,7 +16,7 @@ import pytest
 import runpod
 import torch
 
-from diffusion_worker import lifecycle, runtime
+from diffusion_worker import hygiene, lifecycle, runtime
 from diffusion_worker.config import Settings
 from diffusion_worker.runtime import GPU, Worker
 
@@ -187,6 +187,22 @@ def test_progress_is_off_locally_and_on_at_runpod() -> None:
 def test_what_loading_and_warm_up_made_is_frozen_out_of_each_jobs_collection(handler_module) -> None:
     # The session's worker warmed up at import; what loading made is frozen, out of each job's collection.
     assert gc.get_freeze_count() > 100_000
+
+
+def test_what_outlives_a_job_in_numbers_is_frozen_and_a_jobs_own_leftovers_are_not(
+    run_job: Callable[..., dict], baseline: str
+) -> None:
+    # As the SDK's loop and sessions, made after warm-up: many objects that live on.
+    made_after_warm_up = [{"n": n} for n in range(2 * hygiene.LATE_LONG_LIVED)]
+    assert run_job(BASELINE)["images"][0]["sha256"] == baseline
+    frozen = gc.get_freeze_count()
+    unfrozen = {id(thing) for thing in gc.get_objects()}
+    assert not any(id(thing) in unfrozen for thing in made_after_warm_up)
+    assert len(unfrozen) < hygiene.LATE_LONG_LIVED
+    # A job alone leaves too few to freeze: nothing of it is kept from the collector.
+    del unfrozen
+    assert run_job(BASELINE)["images"][0]["sha256"] == baseline
+    assert gc.get_freeze_count() == frozen
 
 
 def test_a_failed_job_answers_only_once_its_uploads_ended(

@@ -22,6 +22,12 @@ GPU_FAILURE_MARKERS = ("cuda error", "cublas", "cudnn", "device-side assert", "i
 OUT_OF_MEMORY_MARKERS = ("out of memory", "alloc_failed")
 # The hooks of the components the memory plan offloads (pipelines/memory.py): each job ends with them in host memory.
 OFFLOAD_HOOKS: list[Any] = []
+# More objects than this surviving a collection are not a job's: they are what loading and warm-up made, or what the
+# worker made once it began serving (the SDK's event loop and sessions, modules imported on first use), and they live
+# as long as the worker. They are frozen out of every later collection, which would otherwise scan them all again
+# after each job, with the GIL held while the job's last image is encoded (in the benchmark, 50,000 objects made
+# after warm-up cost 30 ms a job). A job leaves a few hundred.
+LATE_LONG_LIVED = 10_000
 
 
 def classify_failure(error: BaseException) -> WorkerError:
@@ -40,13 +46,14 @@ def classify_failure(error: BaseException) -> WorkerError:
 
 def release_memory() -> BaseException | None:
     """Frees what a finished job held: offloaded components back to host memory, then Python garbage, so that the
-    CUDA allocator's blocks are really free, then the allocator's cache.
+    CUDA allocator's blocks are really free, then the allocator's cache. Long-lived objects found meanwhile are
+    frozen out of later collections (`_collect_garbage`).
 
     Never raises: it runs in `finally`, after the job's answer is made, and an error here would replace that answer.
     After a sticky CUDA error (an illegal address) every CUDA call fails again: the first failure is returned, for
     the worker to judge whether the GPU can still be trusted."""
     failure = None
-    for step in [*(hook.offload for hook in OFFLOAD_HOOKS), gc.collect, _empty_cuda_cache]:
+    for step in [*(hook.offload for hook in OFFLOAD_HOOKS), _collect_garbage, _empty_cuda_cache]:
         try:
             step()
         except Exception as error:
@@ -55,12 +62,12 @@ def release_memory() -> BaseException | None:
     return failure
 
 
-def freeze_long_lived() -> None:
-    """Moves every object alive now out of the collector's way for good: once loading and warm-up end, these are
-    the models, libraries and caches that live as long as the worker, and the full collection after each job then
-    scans only what jobs made (on the tiny models, about half a million objects fewer)."""
+def _collect_garbage() -> None:
+    """A full collection, then the survivors frozen if they are many (LATE_LONG_LIVED)."""
     gc.collect()
-    gc.freeze()
+    # Frozen objects are not listed, so this costs little once the long-lived are frozen.
+    if len(gc.get_objects()) > LATE_LONG_LIVED:
+        gc.freeze()
 
 
 def _empty_cuda_cache() -> None:

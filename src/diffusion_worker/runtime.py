@@ -28,7 +28,7 @@ from .errors import (
     TaskUnavailable,
     WorkerError,
 )
-from .hygiene import classify_failure, freeze_long_lived, memory_figures, release_memory
+from .hygiene import classify_failure, memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
 from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
@@ -141,8 +141,8 @@ class Worker:
             with tempfile.TemporaryDirectory(prefix="diffusion-warm-up-", ignore_cleanup_errors=True) as scratch:
                 for index, output in enumerate(outputs):
                     _encode(output, request, index, Path(scratch), self.settings.png_compress_level)
+        # Its collection freezes what loading and warm-up made (hygiene.LATE_LONG_LIVED).
         release_memory()
-        freeze_long_lived()
         log.info("warmed up %s in %.2f s", ", ".join(sorted(self.tasks)), time.perf_counter() - began)
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
