@@ -10,8 +10,9 @@ Sections (medians of --repeats runs, each kind interleaved with its baseline so 
   (timed by wrapping the pipeline classes here, never inside the worker), for png, jpeg and webp, inline and to S3
   (moto on loopback), 1 and 4 images, on tiny-model output and on real photos; against the usual way on the same
   images: Pillow's defaults (PNG level 6), written to disk, uploaded with boto3 and presigned (inline: a base64 data
-  URI). The generation is replayed here (the wrapped `__call__` returns the next image at once), so nothing the
-  worker does can hide behind it: the worst case, and minutes instead of an hour of 1024² generations.
+  URI). The generation is replayed here (the wrapped `__call__` returns the next image at once, made from decoded
+  floats by the pipeline's own last step into what was asked for), so nothing the worker does can hide behind it:
+  the worst case, and minutes instead of an hour of 1024² generations.
 - handler: a job through the handler against the bare diffusers call on the same models and inputs (png to S3).
 - cold: process start to ready (`import handler`) against bare `from_pretrained` of the same components
   (bench/bare_load.py), each in a fresh process; memory of all pipelines' tensors (distinct storage) against the
@@ -124,11 +125,13 @@ class PipelineClock:
             began = time.perf_counter()
             try:
                 if self.replay is not None:
-                    image = next(self.replay)
-                    # The worker asks for floats, which it checks and rounds back to these very bytes.
-                    if kwargs.get("output_type") == "np":
-                        image = np.asarray(image, np.float32) / 255
-                    return StableDiffusionXLPipelineOutput(images=[image])
+                    # The next image as the VAE would decode it, then made into what the caller asked for (PIL
+                    # images, floats) by the pipeline's own last step, as a generation ends.
+                    decoded = torch.from_numpy(np.array(next(self.replay))).permute(2, 0, 1)[None] / 127.5 - 1
+                    output_type = kwargs.get("output_type", "pil")
+                    return StableDiffusionXLPipelineOutput(
+                        images=pipeline.image_processor.postprocess(decoded, output_type=output_type)
+                    )
                 return original(pipeline, *args, **kwargs)
             finally:
                 self.depth -= 1

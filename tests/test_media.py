@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from diffusion_worker.config import Settings
-from diffusion_worker.errors import ConfigError
-from diffusion_worker.media import PNG_BANDS, encode_image, encode_png, encode_thumbnail
+from diffusion_worker.errors import ConfigError, Internal
+from diffusion_worker.media import PNG_BANDS, encode_image, encode_png, encode_thumbnail, to_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from samples import photos
@@ -93,3 +94,30 @@ def test_png_compress_level_outside_0_to_9_stops_the_worker(value: str) -> None:
     with pytest.raises(ConfigError, match="PNG_COMPRESS_LEVEL"):
         Settings.from_env({"PNG_COMPRESS_LEVEL": value})
     assert Settings.from_env({"PNG_COMPRESS_LEVEL": "6"}).png_compress_level == 6
+
+
+def diffusers_rounding(decoded: torch.Tensor) -> np.ndarray:
+    """What diffusers does to make PIL images: float32 on the host, channels last, `(x * 255).round()` by numpy."""
+    return (decoded.float().movedim(-3, -1).numpy() * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 23), (5, 3, 8, 12)], ids=["image", "video"])
+def test_decoded_floats_become_the_pixels_diffusers_makes(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(3)
+    decoded = torch.rand(shape, generator=generator).to(dtype)
+    # The rounding's ties too, k + ½ once scaled, as near as the dtype comes to them.
+    ties = ((torch.arange(255) + 0.5) / 255).to(dtype)
+    decoded.view(-1)[: ties.numel()] = ties
+    expected = diffusers_rounding(decoded)
+    pixels = to_pixels(decoded.clone(), "image 0")
+    assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+    assert np.array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_value_fails_the_decode(poison: float) -> None:
+    decoded = torch.full((3, 10, 10), 0.5)
+    decoded[1, 4, 4] = poison
+    with pytest.raises(Internal, match="video 0 has non-finite values in 0% of its pixels"):
+        to_pixels(decoded, "video 0")

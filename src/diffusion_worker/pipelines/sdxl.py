@@ -241,10 +241,10 @@ class SdxlFamily:
                 }
                 # Floats, checked before they become bytes: a NaN would otherwise pass as black.
                 if refiner is None:
-                    decoded = pipeline(**common, output_type="np", **arguments).images[0]
+                    decoded = pipeline(**common, output_type="pt", **arguments).images[0]
                 elif isinstance(request, Img2Img):
                     # The refiner alone refines the input image, as worker-sdxl's `image_url` does.
-                    decoded = refiner(**common, output_type="np", **arguments).images[0]
+                    decoded = refiner(**common, output_type="pt", **arguments).images[0]
                 else:
                     # The base stops at high_noise_frac and hands its latents, noise left in, to the refiner.
                     latents = pipeline(
@@ -254,7 +254,7 @@ class SdxlFamily:
                         **{**common, "num_inference_steps": request.refiner_inference_steps},
                         image=latents,
                         denoising_start=request.high_noise_frac,
-                        output_type="np",
+                        output_type="pt",
                     ).images[0]
                 pixels = to_pixels(decoded, f"image {index}")
                 yield GeneratedImage(image=Image.fromarray(pixels), seed=image_seed)

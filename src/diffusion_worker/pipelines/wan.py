@@ -136,7 +136,7 @@ class WanFamily:
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale,
                 generator=seeded_generator(seed),
-                output_type="np",
+                output_type="pt",
                 callback_on_step_end=step_end_callback(on_step),
                 **arguments,
             )
