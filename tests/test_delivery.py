@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from test_sdxl_family import PHOTO, as_base64, gradient
 from test_storage import TYPES, fetch
 from test_video import FAST as VIDEO
 
-from diffusion_worker import inputs
+from diffusion_worker import inputs, runtime, storage
 from diffusion_worker.config import Settings
 from diffusion_worker.inputs import InputLimits
 from diffusion_worker.pipelines.outputs import GeneratedImage
@@ -206,6 +207,59 @@ def test_a_blank_image_is_a_failed_decode_and_nothing_is_delivered(
     result = run_job({**IMAGE, "num_images": 2})
     assert (result["error_code"], result["retryable"]) == ("INTERNAL", True)
     assert "image 1 is uniformly black" in result["error"] and "images" not in result
+
+
+def slowed(function: Callable[..., Any], seconds: float, finished: list[float] | None = None) -> Callable[..., Any]:
+    """`function`, taking `seconds` longer, noting when each call ended."""
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if finished is not None:
+                finished.append(time.monotonic())
+
+    return slow
+
+
+def test_a_thumbnail_is_uploaded_while_its_image_is_still_encoding(
+    worker: Worker, tiny_models_dir: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_server.create_bucket("thumbnail-first")
+    bucketed = worker_with(worker, tiny_models_dir, **s3_server.worker_env(bucket))
+    encoded: list[float] = []
+    monkeypatch.setattr(runtime, "encode_image", slowed(runtime.encode_image, 1.0, encoded))
+    uploaded: dict[str, float] = {}
+    upload = storage.S3Sink._upload
+
+    def timed_upload(sink: storage.S3Sink, key: str, *args: Any) -> Any:
+        try:
+            return upload(sink, key, *args)
+        finally:
+            uploaded[key.rsplit("/", 1)[1]] = time.monotonic()
+
+    monkeypatch.setattr(storage.S3Sink, "_upload", timed_upload)
+    response = bucketed.handle({"id": "thumbnail-first", "input": IMAGE})
+    assert fetch(response["images"][0]["thumbnail_url"])[1] == "image/webp"
+    assert uploaded["0.thumb.webp"] < encoded[0] < uploaded["0.png"] < uploaded["result.json"]
+
+
+def test_a_job_that_fails_while_its_thumbnail_is_made_never_delivers_the_thumbnail(
+    worker: Worker, tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = worker_with(worker, tiny_models_dir, OUTPUT_DIR=str(tmp_path))
+    monkeypatch.setattr(runtime, "encode_thumbnail", slowed(runtime.encode_thumbnail, 1.0))
+
+    def broken(*args: object) -> None:
+        raise OSError("the encoder broke")
+
+    monkeypatch.setattr(runtime, "encode_image", broken)
+    response = folder.handle({"id": "failed-early", "input": IMAGE})
+    assert response["error_code"] == "INTERNAL"
+    # The thumbnail was still being made when the job answered; it ended since, and was not delivered.
+    time.sleep(1.5)
+    assert not (tmp_path / "failed-early").exists()
 
 
 def test_input_images_are_echoed_by_digest_or_by_url_without_its_query(run_job: Callable[..., dict]) -> None:

@@ -51,11 +51,17 @@ def asset(ext: str, size: int = 2000, seed: int = 0) -> Asset:
     return Asset(MARKER + random.Random(seed).randbytes(size), ext, TYPES[ext])
 
 
+def put(sink: Sink, index: int, file: Asset, thumbnail: Asset | None) -> None:
+    sink.put(index, file)
+    if thumbnail is not None:
+        sink.put_thumbnail(index, thumbnail)
+
+
 def deliver(sink: Sink, results: list[tuple[Asset, Asset | None]]) -> list[dict[str, str]]:
     """What the runtime does with a sink: put each result as it is made, finish, and always close."""
     try:
         for index, (file, thumbnail) in enumerate(results):
-            sink.put(index, file, thumbnail)
+            put(sink, index, file, thumbnail)
         return sink.finish(METADATA)
     finally:
         sink.close()
@@ -414,7 +420,7 @@ def test_uploads_overlap_and_put_returns_at_once(s3_server: S3Server, interposer
     try:
         for index in range(4):
             began = time.monotonic()
-            sink.put(index, asset("png", seed=index), None)
+            sink.put(index, asset("png", seed=index))
             assert time.monotonic() - began < 0.1
         began = time.monotonic()
         sink.finish(METADATA)
@@ -502,11 +508,11 @@ def test_failures_are_retryable_upload_failed_in_bounded_time_and_leave_the_work
 def test_put_raises_once_an_earlier_upload_failed(s3_server: S3Server) -> None:
     sink = open_sink(s3_server.bucket("no-such-bucket"), "job-early", 1024)
     try:
-        sink.put(0, asset("png"), None)
+        sink.put(0, asset("png"))
         deadline = time.monotonic() + 5
         with pytest.raises(UploadFailed, match="NoSuchBucket"):
             while time.monotonic() < deadline:
-                sink.put(len(sink.entries), asset("png"), None)
+                sink.put(len(sink.entries), asset("png"))
                 time.sleep(0.05)
     finally:
         sink.close()
@@ -517,7 +523,7 @@ def test_inline_results_are_data_uris_in_index_order() -> None:
     sink = open_sink(None, "local_test", 1024 * 1024)
     try:
         for index, (file, thumbnail) in results.items():
-            sink.put(index, file, thumbnail)
+            put(sink, index, file, thumbnail)
         delivered = sink.finish(METADATA)
     finally:
         sink.close()
@@ -535,14 +541,14 @@ def test_inline_results_over_the_limit_say_to_configure_a_bucket() -> None:
     file, thumbnail = asset("png", 3000), asset("webp", 200)
     exact = sum(len(f"data:{f.mime};base64,{base64.b64encode(f.data).decode()}") for f in (file, thumbnail))
     sink = open_sink(None, "local_test", exact)
-    sink.put(0, file, thumbnail)
+    put(sink, 0, file, thumbnail)
     assert len(sink.finish(METADATA)) == 1
 
     sink = open_sink(None, "local_test", exact)
-    sink.put(0, file, thumbnail)
+    put(sink, 0, file, thumbnail)
     # The second result passes the limit: the job stops there, before more GPU time is spent.
     with pytest.raises(ResultTooLarge) as refused:
-        sink.put(1, asset("png", 1), None)
+        sink.put(1, asset("png", 1))
     response = refused.value.to_response()
     assert (response["error_code"], response["retryable"]) == ("RESULT_TOO_LARGE", False)
     assert "configure a bucket" in response["error"]
@@ -579,7 +585,7 @@ def test_an_unwritable_folder_is_upload_failed_naming_the_path(tmp_path: Path) -
     blocked.write_text("in the way")
     sink = open_sink(None, "job", 1024, output_dir=blocked)
     with pytest.raises(UploadFailed, match="OUTPUT_DIR"):
-        sink.put(0, asset("png"), None)
+        sink.put(0, asset("png"))
 
 
 def test_an_asset_type_must_match_its_extension() -> None:

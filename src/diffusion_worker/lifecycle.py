@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
@@ -215,14 +215,16 @@ class GpuThread:
 
 
 class Pending:
-    """The threads a job started: its GPU task, encodings, the upload wait, uploads. On the way out, whatever the
-    reason, the job waits for them to end, through any further cancel, so that nothing of it runs or uploads
-    afterwards and the next job never finds the GPU busy with this one."""
+    """The threads and coroutines a job started: its GPU task, encodings, thumbnail deliveries, the upload wait,
+    uploads. On the way out, whatever the reason, the job waits for them to end, through any further cancel, so that
+    nothing of it runs or uploads afterwards and the next job never finds the GPU busy with this one."""
 
     def __init__(self) -> None:
         self.futures: list[asyncio.Future[Any]] = []
         # Tasks of other threads' pools: cancelled on the way out if they have not begun.
         self.cancellable: list[Future[Any]] = []
+        # Coroutines running beside the job's own: cancelled on the way out wherever they are.
+        self.tasks: list[asyncio.Task[Any]] = []
 
     def track(self, future: Future[T]) -> asyncio.Future[T]:
         self.cancellable.append(future)
@@ -230,12 +232,19 @@ class Pending:
         self.futures.append(wrapped)
         return wrapped
 
-    async def offload(self, function: Callable[..., T], *args: Any) -> T:
-        """Runs `function` in the loop's thread pool; a cancel stops the wait, not the thread, which `settle` then
-        waits for."""
+    def offload(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Starts `function` in the loop's thread pool at once, and returns its result to await; a cancel stops the
+        wait, not the thread, which `settle` then waits for."""
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)
         self.futures.append(future)
-        return await asyncio.shield(future)
+        return asyncio.shield(future)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Runs `coroutine` beside the caller, who awaits it; should the job end first, it is cancelled then."""
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.append(task)
+        self.futures.append(task)
+        return task
 
     async def settle(self) -> None:
         """Cancels what has not begun and waits for the rest; re-raises a cancel received meanwhile once all have
@@ -243,6 +252,8 @@ class Pending:
         for future in self.cancellable:
             # Only a task not yet begun is cancelled; a running one is waited for.
             future.cancel()
+        for task in self.tasks:
+            task.cancel()
         cancelled = False
         for future in self.futures:
             while not future.done():

@@ -10,7 +10,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -42,8 +42,8 @@ PNG_BANDS = 8
 # Filter type 3 (Average) on every row: on photos 3 % more bytes than Pillow's per-row choice of filter, at a small
 # part of its cost; `Up` would be cheaper still but 7.6 % larger.
 PNG_FILTER_AVERAGE = 3
-# PNG bands and thumbnails, for every job: zlib, numpy and Pillow's encoders release the GIL, so they really run
-# side by side with each other and with the thread that waits for them.
+# PNG bands, for every job: zlib and numpy release the GIL, so the bands really run side by side, and beside the
+# thread that waits for them.
 _pool = ThreadPoolExecutor(min(PNG_BANDS, os.cpu_count() or 1), thread_name_prefix="encode")
 # x264's constant quality: 18 is close to visually lossless; the quality, not the bitrate, stays the same.
 VIDEO_CRF = 18
@@ -76,11 +76,6 @@ def encode_thumbnail(image: Image.Image, longest_side: int) -> Asset:
     buffer = io.BytesIO()
     image.save(buffer, format="WEBP", quality=THUMBNAIL_QUALITY, method=THUMBNAIL_WEBP_METHOD)
     return Asset(data=buffer.getvalue(), ext="webp", mime=CONTENT_TYPES["webp"])
-
-
-def start_thumbnail(picture: Image.Image, longest_side: int) -> Future[Asset]:
-    """`encode_thumbnail` in the encoder pool, to run while the caller encodes the picture itself."""
-    return _pool.submit(encode_thumbnail, picture, longest_side)
 
 
 def encode_png(image: Image.Image, level: int) -> bytes:

@@ -10,6 +10,7 @@ import platform
 import secrets
 import tempfile
 import time
+from collections.abc import Awaitable
 from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -32,13 +33,13 @@ from .hygiene import classify_failure, memory_figures, release_memory
 from .inputs import InputLimits, echoed_url, load_image
 from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
-from .media import check_not_blank, encode_image, encode_video, start_thumbnail
+from .media import check_not_blank, encode_image, encode_thumbnail, encode_video
 from .pipelines.outputs import GeneratedImage, GeneratedVideo
 from .pipelines.sdxl import SdxlFamily
 from .pipelines.wan import WanFamily
 from .placement import Placement
 from .schema import MAX_SEED, SCHEDULER_NAMES, TASKS, VIDEO_TASKS, GenerationRequest, Info, parse_input
-from .storage import Asset, bucket_for_job, open_sink
+from .storage import Asset, Sink, bucket_for_job, open_sink
 
 log = logging.getLogger(__name__)
 FAMILIES = (SdxlFamily, WanFamily)
@@ -240,11 +241,18 @@ class Worker:
                     index = len(described)
                     control.enter("encoding", index + 1)
                     began = time.perf_counter()
-                    asset, thumbnail, facts = await pending.offload(
+                    # The thumbnail goes out as soon as it is made, while the output itself is still encoding.
+                    thumbnail = None
+                    if request.thumbnail_size:
+                        made = pending.offload(encode_thumbnail, _picture(output), request.thumbnail_size)
+                        thumbnail = pending.spawn(_deliver_thumbnail(sink, index, made))
+                    asset, facts = await pending.offload(
                         _encode, output, request, index, Path(scratch), self.settings.png_compress_level
                     )
+                    if thumbnail is not None:
+                        await thumbnail
                     timings.encode_s += time.perf_counter() - began
-                    sink.put(index, asset, thumbnail)
+                    sink.put(index, asset)
                     described.append((output.kind, facts))
                     handoff.taken()
                 await gpu
@@ -313,6 +321,9 @@ class Worker:
                     timings.inference_s += time.perf_counter() - began
                     if output is None:
                         return
+                    # Here, before the output is handed over: nothing of a failed decode is delivered, not even
+                    # its thumbnail.
+                    _check(output, index)
                     handoff.put(output)
         finally:
             handoff.close()
@@ -346,24 +357,38 @@ class Worker:
         }
 
 
-def _encode(
-    output: GeneratedImage | GeneratedVideo, request: GenerationRequest, index: int, scratch: Path, png_level: int
-) -> tuple[Asset, Asset | None, dict]:
-    """Checks and encodes one output, returning its file, its thumbnail and the facts the response lists."""
-    extra: dict[str, int] = {}
-    picture = output.middle_frame if isinstance(output, GeneratedVideo) else output.image
-    thumbnail = start_thumbnail(picture, request.thumbnail_size) if request.thumbnail_size else None
+def _check(output: GeneratedImage | GeneratedVideo, index: int) -> None:
+    """A blank result is a failed decode (media.check_not_blank). A depth map is data, not a picture, uniform where
+    the scene is flat: it is not checked."""
     if isinstance(output, GeneratedVideo):
         check_not_blank(output.frames, f"video {index}")
+    elif output.kind == "image":
+        check_not_blank(output.image, f"image {index}")
+
+
+def _picture(output: GeneratedImage | GeneratedVideo) -> Image.Image:
+    """What an output's thumbnail shows and its width and height describe."""
+    return output.middle_frame if isinstance(output, GeneratedVideo) else output.image
+
+
+async def _deliver_thumbnail(sink: Sink, index: int, made: Awaitable[Asset]) -> None:
+    sink.put_thumbnail(index, await made)
+
+
+def _encode(
+    output: GeneratedImage | GeneratedVideo, request: GenerationRequest, index: int, scratch: Path, png_level: int
+) -> tuple[Asset, dict]:
+    """Encodes one checked output, returning its file and the facts the response lists."""
+    extra: dict[str, int] = {}
+    if isinstance(output, GeneratedVideo):
         asset = encode_video(output.frames, output.fps, scratch)
         extra = {"num_frames": len(output.frames), "fps": output.fps}
     elif output.kind == "image":
-        check_not_blank(output.image, f"image {index}")
         asset = encode_image(output.image, request.output_format, request.output_quality, png_level)
     else:
-        # A depth map is data, not a picture: always lossless, and uniform where the scene is flat, so not checked
-        # for blankness.
+        # A depth map is always lossless.
         asset = encode_image(output.image, "png", request.output_quality, png_level)
+    picture = _picture(output)
     facts = {
         "width": picture.width,
         "height": picture.height,
@@ -373,7 +398,7 @@ def _encode(
         "sha256": hashlib.sha256(asset.data).hexdigest(),
         **extra,
     }
-    return asset, thumbnail.result() if thumbnail else None, facts
+    return asset, facts
 
 
 def _echoed_parameters(request: GenerationRequest) -> dict[str, Any]:

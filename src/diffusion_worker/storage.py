@@ -166,26 +166,40 @@ def open_sink(
 
 
 class Sink(ABC):
-    """A job's delivery: S3 when a bucket is set, else inline data URIs. Each result goes in with `put` while the
-    next one is made; `finish` waits for them all and returns the response's entries; `close` always follows."""
+    """A job's delivery: S3 when a bucket is set, else inline data URIs. Each result and its thumbnail go in with
+    `put` and `put_thumbnail` while the next one is made; `finish` waits for them all and returns the response's
+    entries; `close` always follows."""
+
+    # The response's fields for a result and for its thumbnail.
+    FIELDS: tuple[str, str]
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        # Per index: response field -> the object key (S3) or the data URI (inline).
+        # Per index: response field -> the object key (S3), the path (folder) or the data URI (inline).
         self.entries: dict[int, dict[str, str]] = {}
         # Where `finish` put the job's result.json, as response fields: {"metadata_url"} or {"metadata_path"};
         # empty inline, where the response is all there is.
         self.result_json: dict[str, str] = {}
 
-    def put(self, index: int, asset: Asset, thumbnail: Asset | None) -> None:
-        """Starts delivering one result and returns at once. It raises early where it can (an upload of an earlier
-        result already failed, or the inline results already passed the limit), so no more GPU time is spent."""
-        if index in self.entries:
-            raise ValueError(f"result {index} delivered twice")
-        self._put(index, asset, thumbnail)
+    def put(self, index: int, asset: Asset) -> None:
+        """Starts delivering result `index` and returns at once. It raises early where it can (an upload of an
+        earlier file already failed, or the inline results already passed the limit), so no more GPU time is
+        spent."""
+        self._deliver(index, self.FIELDS[0], f"{index}.{asset.ext}", asset)
+
+    def put_thumbnail(self, index: int, thumbnail: Asset) -> None:
+        """As `put`, for result `index`'s thumbnail."""
+        self._deliver(index, self.FIELDS[1], f"{index}.thumb.{thumbnail.ext}", thumbnail)
+
+    def _deliver(self, index: int, field: str, filename: str, asset: Asset) -> None:
+        entry = self.entries.setdefault(index, {})
+        if field in entry:
+            raise ValueError(f"{field} of result {index} delivered twice")
+        entry[field] = self._put(filename, asset)
 
     @abstractmethod
-    def _put(self, index: int, asset: Asset, thumbnail: Asset | None) -> None: ...
+    def _put(self, filename: str, asset: Asset) -> str:
+        """Starts delivering one file; returns what its entry holds until `finish`."""
 
     @abstractmethod
     def finish(self, metadata: dict[str, Any]) -> list[dict[str, str]]:
@@ -204,23 +218,24 @@ class Sink(ABC):
 
 
 class InlineSink(Sink):
+    FIELDS = ("data", "thumbnail_data")
+
     def __init__(self, job_id: str, max_bytes: int) -> None:
         super().__init__(job_id)
         self.max_bytes = max_bytes
         self.size = 0
 
-    def _put(self, index: int, asset: Asset, thumbnail: Asset | None) -> None:
-        files = {"data": asset, "thumbnail_data": thumbnail}
+    def _put(self, filename: str, asset: Asset) -> str:
         # The limit is on the response RunPod carries, so what counts is the data URIs' length, not the file sizes;
         # it is checked before encoding so an oversized video is never copied into base64.
-        self.size += sum(_data_uri_length(file) for file in files.values() if file is not None)
+        self.size += _data_uri_length(asset)
         if self.size > self.max_bytes:
             raise ResultTooLarge(
                 f"the results need {_mib(self.size)} inline, over the {_mib(self.max_bytes)} limit "
                 "(MAX_INLINE_BYTES); configure a bucket (the BUCKET_* environment variables, or the request's "
                 "s3Config) to receive results of this size as links"
             )
-        self.entries[index] = {name: _data_uri(file) for name, file in files.items() if file is not None}
+        return _data_uri(asset)
 
     def finish(self, metadata: dict[str, Any]) -> list[dict[str, str]]:
         # The response carries the metadata itself; inline there is nowhere else to put it.
@@ -235,15 +250,14 @@ class FolderSink(Sink):
     """Results as files in `<folder>/<job id>/`, named as in a bucket: for local runs, where a path is handier than
     a data URI and has no size limit."""
 
+    FIELDS = ("path", "thumbnail_path")
+
     def __init__(self, root: Path, job_id: str) -> None:
         super().__init__(job_id)
         self.folder = root / job_id
 
-    def _put(self, index: int, asset: Asset, thumbnail: Asset | None) -> None:
-        files = {"path": (f"{index}.{asset.ext}", asset)}
-        if thumbnail is not None:
-            files["thumbnail_path"] = (f"{index}.thumb.{thumbnail.ext}", thumbnail)
-        self.entries[index] = {name: str(self._write(filename, file.data)) for name, (filename, file) in files.items()}
+    def _put(self, filename: str, asset: Asset) -> str:
+        return str(self._write(filename, asset.data))
 
     def finish(self, metadata: dict[str, Any]) -> list[dict[str, str]]:
         path = self._write("result.json", _metadata_json(metadata))
@@ -270,6 +284,8 @@ class FolderSink(Sink):
 
 
 class S3Sink(Sink):
+    FIELDS = ("url", "thumbnail_url")
+
     def __init__(self, bucket: BucketSettings, job_id: str) -> None:
         super().__init__(job_id)
         self.bucket = bucket
@@ -284,25 +300,25 @@ class S3Sink(Sink):
         self.pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"upload-{job_id}")
         self.uploads: list[Future[tuple[float, float, int]]] = []
 
-    def _put(self, index: int, asset: Asset, thumbnail: Asset | None) -> None:
+    def _put(self, filename: str, asset: Asset) -> str:
         _raise_failed(self.uploads)
-        files = {"url": (f"{index}.{asset.ext}", asset)}
-        if thumbnail is not None:
-            files["thumbnail_url"] = (f"{index}.thumb.{thumbnail.ext}", thumbnail)
-        self.entries[index] = {name: f"{self.folder}/{filename}" for name, (filename, _) in files.items()}
-        for name, (_, file) in files.items():
-            self.uploads.append(self.pool.submit(self._upload, self.entries[index][name], file.data, file.mime))
+        key = f"{self.folder}/{filename}"
+        self.uploads.append(self.pool.submit(self._upload, key, asset.data, asset.mime))
+        return key
 
     def finish(self, metadata: dict[str, Any]) -> list[dict[str, str]]:
         began = time.monotonic()
         deadline = began + self.bucket.upload_timeout_s
+        metadata_key = f"{self.folder}/result.json"
+        # Links are signed while the last uploads run: they need only the keys.
+        links = [{name: self._link(key) for name, key in self.entries[index].items()} for index in sorted(self.entries)]
+        result_json = {"metadata_url": self._link(metadata_key)}
         self._wait(deadline)
         # result.json goes last: once it is there, every object it describes is there too.
-        metadata_key = f"{self.folder}/result.json"
         body = _metadata_json(metadata)
         self.uploads.append(self.pool.submit(self._upload, metadata_key, body, "application/json"))
         self._wait(deadline)
-        self.result_json = {"metadata_url": self._link(metadata_key)}
+        self.result_json = result_json
         spans = [upload.result() for upload in self.uploads]
         log.info(
             "job %s: %d objects, %d bytes to bucket %s under %s/ in %.2f s (finish waited %.2f s)",
@@ -314,7 +330,7 @@ class S3Sink(Sink):
             max(end for _, end, _ in spans) - min(start for start, _, _ in spans),
             time.monotonic() - began,
         )
-        return [{name: self._link(key) for name, key in self.entries[index].items()} for index in sorted(self.entries)]
+        return links
 
     def close(self) -> None:
         # Uploads already running are not waited for here: the runtime waits for them (`in_flight`) without
