@@ -1,7 +1,7 @@
 """The size/time trade-off of each encoder setting the worker could use, on real photos and on tiny-model-like noise,
 against Pillow's defaults on the same images in the same run: what the defaults in media.py were chosen from.
 
-    python bench/encoders.py [--repeats 5] [--size 1024]
+    python bench/encoders.py [--repeats 5] [--size 1024] [--groups png,thumbnail]
 
 Times are medians per image; sizes are the total over the images, relative to the default's.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from samples import photos
 
-from diffusion_worker.media import encode_png
+from diffusion_worker.media import encode_png, encode_thumbnail
 
 Encoder = Callable[[Image.Image], bytes]
 
@@ -76,6 +76,7 @@ GROUPS: dict[str, dict[str, Encoder]] = {
         "reduce 2 + LANCZOS, webp method 0": lambda image: saved(format="WEBP", quality=80, method=0)(
             image.resize((256, 256), Image.Resampling.LANCZOS, reducing_gap=2.0)
         ),
+        "the worker's (reduce 4 + LANCZOS, method 0)": lambda image: encode_thumbnail(image, 256).data,
     },
 }
 
@@ -94,11 +95,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--groups", help="comma-separated, of png, webp, jpeg, thumbnail (default: all)")
     arguments = parser.parse_args()
+    wanted = arguments.groups.split(",") if arguments.groups else None
     noise = np.random.default_rng(0).integers(0, 256, (4, arguments.size, arguments.size, 3), dtype=np.uint8)
     sources = {"photos": photos(arguments.size), "noise": [Image.fromarray(pixels) for pixels in noise]}
     print(f"{'encoder':<20} {'setting':<44} {'source':<7} {'ms':>7} {'× time':>7} {'× bytes':>8}")
     for group, encoders in GROUPS.items():
+        if wanted and not any(word in group for word in wanted):
+            continue
         for source, images in sources.items():
             baseline = None
             for setting, encode in encoders.items():

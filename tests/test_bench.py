@@ -75,3 +75,13 @@ def test_gpu_benchmark_lists_the_speed_ups_in_force(worker: Worker) -> None:
     assert found["sdxl vae"] == "madebyollin/sdxl-vae-fp16-fix"
     assert found["sdxl channels-last"] == "off" and found["sdxl torch.compile"] == "off"
     assert {"txt2video attention", "img2video dtype", "tf32 matmul"} <= found.keys()
+
+
+def test_encoders_prints_the_chosen_group_against_its_baseline() -> None:
+    command = [sys.executable, str(REPO / "bench" / "encoders.py"), "--size", "64", "--repeats", "1"]
+    completed = subprocess.run([*command, "--groups", "thumbnail"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = completed.stdout.splitlines()[1:]
+    # Every candidate on photos and on noise, the worker's own among them, and nothing of the other groups.
+    assert len(rows) == 2 * 6 and all(row.startswith("thumbnail 256 webp") for row in rows)
+    assert sum("the worker's" in row for row in rows) == 2
