@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote
 
 import boto3
@@ -37,6 +37,8 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from diffusion_worker.config import BucketSettings
+
+S = TypeVar("S")
 
 REGION = "us-east-1"
 # Small enough that each failure ends in a few seconds, with room for moto on a busy machine.
@@ -310,13 +312,12 @@ class Interposer(MotoFront):
         return self.moto(environ, start_response)
 
 
-@pytest.fixture
-def interposer() -> Iterator[Callable[..., Interposer]]:
-    """Makes Interposers (`interposer(throttle=2)`), closed after the test."""
-    made: list[Interposer] = []
+def closed_after(build: Callable[..., S]) -> Iterator[Callable[..., S]]:
+    """For a fixture to `yield from`: makes servers with `build`, and closes every one of them after the test."""
+    made: list[S] = []
 
-    def make(**settings: Any) -> Interposer:
-        made.append(Interposer(**settings))
+    def make(*args: Any, **kwargs: Any) -> S:
+        made.append(build(*args, **kwargs))
         return made[-1]
 
     try:
@@ -324,3 +325,9 @@ def interposer() -> Iterator[Callable[..., Interposer]]:
     finally:
         for server in made:
             server.close()
+
+
+@pytest.fixture
+def interposer() -> Iterator[Callable[..., Interposer]]:
+    """Makes Interposers (`interposer(throttle=2)`), closed after the test."""
+    yield from closed_after(Interposer)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import REPO, free_port
+from s3_fixtures import closed_after
 
 from diffusion_worker.client import Backoff, Client, Endpoint, InvalidInput
 from diffusion_worker.client.cli import main
@@ -98,17 +99,7 @@ class ScriptedServer:
 
 @pytest.fixture
 def scripted() -> Iterator[Callable[..., ScriptedServer]]:
-    made: list[ScriptedServer] = []
-
-    def make(script: dict[tuple[str, str], list[tuple[int, Any]]]) -> ScriptedServer:
-        made.append(ScriptedServer(script))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.close()
+    yield from closed_after(ScriptedServer)
 
 
 def inline_output(digest: str | None = None) -> dict[str, Any]:
