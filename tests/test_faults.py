@@ -183,6 +183,11 @@ def test_a_vae_left_in_another_precision_or_upcasting_is_put_back(run_job: Calla
     run_job(IMAGE)
     assert vae.dtype == torch.float32 and not vae.config.force_upcast
     assert result_of(run_job(IMAGE)) == baseline
+    # A cast cut short after its first module.
+    vae.encoder.conv_in.to(torch.float64)
+    run_job(IMAGE)
+    assert {parameter.dtype for parameter in vae.parameters()} == {torch.float32}
+    assert result_of(run_job(IMAGE)) == baseline
 
 
 def test_a_large_job_decodes_in_tiles_completely_and_reproducibly(run_job: Callable[..., dict], worker) -> None:

@@ -34,6 +34,7 @@ from .inputs import InputLimits, echoed_url, load_image
 from .lifecycle import GpuThread, Handoff, JobControl, Pending
 from .manifest import Manifest, load_manifest
 from .media import check_not_blank, encode_image, encode_thumbnail, encode_video
+from .pipelines.common import describe_models
 from .pipelines.outputs import GeneratedImage, GeneratedVideo
 from .pipelines.sdxl import SdxlFamily
 from .pipelines.wan import WanFamily
@@ -263,7 +264,9 @@ class Worker:
                     **response,
                     "job_id": job_id,
                     "outputs": [{"kind": kind, **facts} for kind, facts in described],
-                    "models": family.describe()["models"],
+                    # Not `describe()`, whose dtype walks every module of the UNet, holding the GIL while the
+                    # uploads start.
+                    "models": describe_models(family.roles),
                     # Upload time is still running here; the response has the final figures.
                     "timings": {name: value for name, value in timings.as_dict().items() if name != "upload_s"},
                 }

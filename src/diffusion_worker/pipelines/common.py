@@ -64,8 +64,9 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def describe_role(role: ModelRole) -> dict[str, str]:
-    return {"role": role.name, "repo_id": role.repo_id, "revision": role.revision}
+def describe_models(roles: list[ModelRole]) -> list[dict[str, str]]:
+    """What a family's models are, as `info` and every result.json list them."""
+    return [{"role": role.name, "repo_id": role.repo_id, "revision": role.revision} for role in roles]
 
 
 def step_end_callback(on_step: StepHook | None) -> Callable[..., dict[str, Any]] | None:

@@ -147,9 +147,13 @@ def vae_precision_kept(vae: Any, dtype: torch.dtype) -> Iterator[None]:
     try:
         yield
     finally:
-        if vae.dtype != dtype or vae.config.force_upcast:
+        # The first parameter's dtype, as diffusers' `vae.dtype` returns, without its walk through every module for
+        # hooks: this runs after every job, beside the encoding of its last image. A cast goes module by module
+        # from the first, so one cut short has changed that parameter.
+        left_in = next(vae.parameters()).dtype
+        if left_in != dtype or vae.config.force_upcast:
             log.error(
-                "the VAE was left in %s (force_upcast %s); put back to %s", vae.dtype, vae.config.force_upcast, dtype
+                "the VAE was left in %s (force_upcast %s); put back to %s", left_in, vae.config.force_upcast, dtype
             )
             vae.register_to_config(force_upcast=False)
             vae.to(dtype=dtype)

@@ -35,7 +35,7 @@ from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
 from . import memory
-from .common import StepHook, cover, describe_role, output_size, seeded_generator, step_end_callback
+from .common import StepHook, cover, describe_models, output_size, seeded_generator, step_end_callback
 from .depth import DepthEstimator
 from .loras import LoraRegistry
 from .outputs import GeneratedImage
@@ -293,7 +293,7 @@ class SdxlFamily:
     def describe(self) -> dict[str, Any]:
         return {
             "tasks": sorted(self.tasks),
-            "models": [describe_role(role) for role in self.roles],
+            "models": describe_models(self.roles),
             "default_size": self.default_size,
             "default_scheduler": self.default_scheduler,
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),

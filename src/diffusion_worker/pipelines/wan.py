@@ -28,7 +28,7 @@ from ..placement import Placement
 from ..plan import WAN_NATIVE
 from ..schema import LARGEST_VIDEO_JOB, WAN_SIZE, Img2Video, Txt2Video
 from . import memory
-from .common import StepHook, cover, describe_role, output_size, seeded_generator, step_end_callback
+from .common import StepHook, cover, describe_models, output_size, seeded_generator, step_end_callback
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
 
@@ -161,7 +161,7 @@ class WanFamily:
         any_pipeline = next(iter(self.pipelines.values()))
         return {
             "tasks": sorted(self.tasks),
-            "models": [describe_role(role) for role in self.roles],
+            "models": describe_models(self.roles),
             "default_size": list(DEFAULT_SIZE),
             "default_num_frames": DEFAULT_FRAMES,
             "default_steps": {task: DEFAULT_STEPS[task] for task in sorted(self.tasks)},
