@@ -127,7 +127,8 @@ class PipelineClock:
                 if self.replay is not None:
                     # The next image as the VAE would decode it, then made into what the caller asked for (PIL
                     # images, floats) by the pipeline's own last step, as a generation ends.
-                    decoded = torch.from_numpy(np.array(next(self.replay))).permute(2, 0, 1)[None] / 127.5 - 1
+                    pixels = torch.from_numpy(np.array(next(self.replay))).permute(2, 0, 1).contiguous()
+                    decoded = pixels[None] / 127.5 - 1
                     output_type = kwargs.get("output_type", "pil")
                     return StableDiffusionXLPipelineOutput(
                         images=pipeline.image_processor.postprocess(decoded, output_type=output_type)

@@ -16,7 +16,15 @@ from PIL import Image
 
 from diffusion_worker.config import Settings
 from diffusion_worker.errors import ConfigError, Internal
-from diffusion_worker.media import PNG_BANDS, encode_image, encode_png, encode_thumbnail, to_pixels
+from diffusion_worker.media import (
+    PNG_BANDS,
+    check_not_blank,
+    encode_image,
+    encode_png,
+    encode_thumbnail,
+    to_picture,
+    to_pixels,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from samples import photos
@@ -110,8 +118,17 @@ def test_decoded_floats_become_the_pixels_diffusers_makes(dtype: torch.dtype, sh
     ties = ((torch.arange(255) + 0.5) / 255).to(dtype)
     decoded.view(-1)[: ties.numel()] = ties
     expected = diffusers_rounding(decoded)
-    pixels = to_pixels(decoded.clone(), "image 0")
-    assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+    if len(shape) == 3:
+        picture = to_picture(decoded.clone(), "image 0")
+        assert picture.mode == "RGB" and picture.size == (shape[2], shape[1])
+        # The same from a decode laid out channels last.
+        channels_last = decoded.movedim(0, -1).contiguous().movedim(-1, 0)
+        assert to_picture(channels_last, "image 0").tobytes() == picture.tobytes()
+        pixels = np.asarray(picture)
+    else:
+        pixels = to_pixels(decoded.clone(), "video 0")
+        assert pixels.flags.c_contiguous
+    assert pixels.dtype == np.uint8
     assert np.array_equal(pixels, expected)
 
 
@@ -121,3 +138,19 @@ def test_a_single_non_finite_value_fails_the_decode(poison: float) -> None:
     decoded[1, 4, 4] = poison
     with pytest.raises(Internal, match="video 0 has non-finite values in 0% of its pixels"):
         to_pixels(decoded, "video 0")
+    with pytest.raises(Internal, match="image 0 has non-finite values in 0% of its pixels"):
+        to_picture(decoded, "image 0")
+
+
+@pytest.mark.parametrize("kind", ["picture", "frames"])
+def test_one_lit_value_anywhere_is_not_blank(kind: str) -> None:
+    """Black everywhere but the last channel of the last pixel: not blank; with that value 0 too, blank."""
+    pixels = np.zeros((2, 9, 7, 3), dtype=np.uint8)
+    pixels[-1, -1, -1, -1] = 1
+    as_given = (lambda array: Image.fromarray(array[-1])) if kind == "picture" else (lambda array: array)
+    check_not_blank(as_given(pixels), "it")
+    pixels[-1, -1, -1, -1] = 0
+    with pytest.raises(Internal, match="it is uniformly black"):
+        check_not_blank(as_given(pixels), "it")
+    with pytest.raises(Internal, match="it is empty"):
+        check_not_blank(as_given(pixels[:, :0]), "it")

@@ -242,14 +242,16 @@ class Worker:
                     index = len(described)
                     control.enter("encoding", index + 1)
                     began = time.perf_counter()
-                    # The thumbnail goes out as soon as it is made, while the output itself is still encoding.
+                    # The output's encoding, the longer, starts first. The thumbnail goes out as soon as it is made,
+                    # while the output itself is still encoding.
+                    encoded = pending.offload(
+                        _encode, output, request, index, Path(scratch), self.settings.png_compress_level
+                    )
                     thumbnail = None
                     if request.thumbnail_size:
                         made = pending.offload(encode_thumbnail, _picture(output), request.thumbnail_size)
                         thumbnail = pending.spawn(_deliver_thumbnail(sink, index, made))
-                    asset, facts = await pending.offload(
-                        _encode, output, request, index, Path(scratch), self.settings.png_compress_level
-                    )
+                    asset, facts = await encoded
                     if thumbnail is not None:
                         await thumbnail
                     timings.encode_s += time.perf_counter() - began

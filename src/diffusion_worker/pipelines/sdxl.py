@@ -30,7 +30,7 @@ from transformers import AutoModelForDepthEstimation
 from ..config import Settings
 from ..errors import InvalidInput, TaskUnavailable
 from ..manifest import Manifest, ModelRole, Preset
-from ..media import to_pixels
+from ..media import to_picture
 from ..placement import Placement
 from ..presets import apply_preset, describe_preset, find_preset, preset_loras
 from ..schema import SDXL_SIZE, ControlNetDepth, Img2Img, Txt2Img
@@ -256,8 +256,7 @@ class SdxlFamily:
                         denoising_start=request.high_noise_frac,
                         output_type="pt",
                     ).images[0]
-                pixels = to_pixels(decoded, f"image {index}")
-                yield GeneratedImage(image=Image.fromarray(pixels), seed=image_seed)
+                yield GeneratedImage(image=to_picture(decoded, f"image {index}"), seed=image_seed)
         if control_image is not None and request.return_control_image:
             yield GeneratedImage(image=control_image, seed=seed, kind="control_image")
 
