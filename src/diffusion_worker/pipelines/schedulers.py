@@ -6,6 +6,8 @@ step index or sigmas behind for the next.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,17 +43,31 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "schema.SCHEDULER_NAMES and SCHEDULERS must list the same names"
+# Schedulers as `fresh_scheduler` first builds them, by class, config and changes: a few per model and preset.
+_built: dict[str, SchedulerMixin] = {}
 
 
 def build_scheduler(
     name: str, model_config: Mapping[str, Any], preset_config: Mapping[str, Any] | None = None
 ) -> SchedulerMixin:
-    """A new scheduler of the table's `name`, with a preset's config changes (trailing timesteps) on top.
-
-    `from_config` copies the config, so neither the model's config nor the table is ever changed by a job.
-    """
+    """A new scheduler of the table's `name`, with a preset's config changes (trailing timesteps) on top."""
     scheduler_class, overrides = SCHEDULERS[name]
-    return scheduler_class.from_config(model_config, **{**overrides, **(preset_config or {})})
+    return fresh_scheduler(scheduler_class, model_config, **{**overrides, **(preset_config or {})})
+
+
+def fresh_scheduler(
+    scheduler_class: type[SchedulerMixin], model_config: Mapping[str, Any], **changes: Any
+) -> SchedulerMixin:
+    """A scheduler no job has used: a copy of one built once per class, config and changes. `from_config` reads the
+    signatures of every compatible class each time (0.6 ms, on the way to the GPU); the copy takes a sixth of that.
+
+    `from_config` copies the config, and the built one is only ever copied, so neither the model's config, nor the
+    table, nor what a job's scheduler keeps (timesteps, step index, sigmas) reaches another job."""
+    key = json.dumps([scheduler_class.__name__, model_config, changes], sort_keys=True, default=repr)
+    built = _built.get(key)
+    if built is None:
+        built = _built.setdefault(key, scheduler_class.from_config(model_config, **changes))
+    return copy.deepcopy(built)
 
 
 def scheduler_name_of(scheduler: SchedulerMixin) -> str:

@@ -31,6 +31,7 @@ from . import memory
 from .common import StepHook, cover, describe_models, output_size, seeded_generator, step_end_callback
 from .loras import LoraRegistry
 from .outputs import GeneratedVideo
+from .schedulers import fresh_scheduler
 
 WanRequest = Txt2Video | Img2Video
 WanPipelines = WanPipeline | WanImageToVideoPipeline
@@ -146,8 +147,12 @@ class WanFamily:
         """A job's own pipeline of the task's class: the shared models, a scheduler of its own for the job's size."""
         base = self.pipelines[task]
         shift = FLOW_SHIFT_480P if width * height <= DEFAULT_SIZE[0] * DEFAULT_SIZE[1] else FLOW_SHIFT_720P
-        scheduler = UniPCMultistepScheduler.from_config(
-            base.scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift
+        scheduler = fresh_scheduler(
+            UniPCMultistepScheduler,
+            base.scheduler.config,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
         )
         pipeline = PIPELINES[task](
             **{**base.components, "scheduler": scheduler},
