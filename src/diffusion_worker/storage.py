@@ -433,7 +433,7 @@ def _new_client(bucket: BucketSettings) -> Any:
         match = AWS_REGION_HOST.search(urlsplit(bucket.endpoint_url).hostname or "")
         region = match.group(1) if match else None
     # A session per client: boto3's default session is not safe to create clients from in several threads.
-    return boto3.session.Session().client(
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=bucket.endpoint_url,
         region_name=region or "us-east-1",
@@ -441,6 +441,15 @@ def _new_client(bucket: BucketSettings) -> Any:
         aws_secret_access_key=bucket.secret_access_key,
         config=config,
     )
+    client.meta.events.register("before-sign.s3.PutObject", _send_body_at_once)
+    return client
+
+
+def _send_body_at_once(request: Any, **_: Any) -> None:
+    """botocore asks with `Expect: 100-continue` before sending any file-like body, and waits for the store's go-ahead:
+    one more round trip per upload, and a job's last two uploads (its last result, then result.json) follow each
+    other. A single PutObject is under BUCKET_MULTIPART_THRESHOLD_BYTES; the parts of larger uploads still ask first."""
+    del request.headers["Expect"]
 
 
 def _raise_failed(uploads: Iterable[Future[Any]]) -> None:
