@@ -63,7 +63,8 @@ def fresh_scheduler(
 
     `from_config` copies the config, and the built one is only ever copied, so neither the model's config, nor the
     table, nor what a job's scheduler keeps (timesteps, step index, sigmas) reaches another job."""
-    key = json.dumps([scheduler_class.__name__, model_config, changes], sort_keys=True, default=repr)
+    # Scheduler configs are JSON (diffusers saves them so): the key holds every value whole.
+    key = json.dumps([scheduler_class.__name__, model_config, changes], sort_keys=True)
     built = _built.get(key)
     if built is None:
         built = _built.setdefault(key, scheduler_class.from_config(model_config, **changes))
