@@ -65,10 +65,9 @@ def fresh_scheduler(
     table, nor what a job's scheduler keeps (timesteps, step index, sigmas) reaches another job."""
     # Scheduler configs are JSON (diffusers saves them so): the key holds every value whole.
     key = json.dumps([scheduler_class.__name__, model_config, changes], sort_keys=True)
-    built = _built.get(key)
-    if built is None:
-        built = _built.setdefault(key, scheduler_class.from_config(model_config, **changes))
-    return copy.deepcopy(built)
+    if key not in _built:
+        _built[key] = scheduler_class.from_config(model_config, **changes)
+    return copy.deepcopy(_built[key])
 
 
 def scheduler_name_of(scheduler: SchedulerMixin) -> str:
